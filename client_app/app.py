@@ -1,0 +1,133 @@
+"""FedPuReL ClientApp: unpack a message, call the library, pack the reply.
+
+Private state lives in ``context.state`` and never enters a reply:
+
+- ``fedpurel.phi_k``: the private residual branch phi_k (Stage 2);
+- ``fedpurel.features``: this client's cached image features, labels and
+  zero-shot logits (computed once with the frozen image encoder).
+
+Handlers:
+
+- ``train``               Stage 1: purified local update of phi_g; replies phi_g.
+- ``train.personalize``   Stage 2: residual update of phi_k against the received
+                          (frozen) phi_g; replies metrics only.
+- ``evaluate``            PM evaluation on the client's own test set.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpurel_app import task
+from fedpurel_app.config import RunConfig, parse_run_config
+from fedpurel_app.peft import PeftVariant
+from fedpurel_app.training import FeatureSet, predict, seeded_generator, train_global, train_private
+
+PHI_K = "fedpurel.phi_k"
+FEATURES = "fedpurel.features"
+FEATURES_KEY = "fedpurel.features-key"
+
+app = ClientApp()
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as missing:
+        raise ValueError(
+            f"node-config has no {missing}: start the SuperNode with "
+            '--node-config "partition-id=<i> num-partitions=<n>"'
+        ) from None
+
+
+def _features(cfg: RunConfig, context: Context) -> tuple[FeatureSet, FeatureSet]:
+    """This client's (train, test) feature sets, computed once and kept in context.state."""
+    pid, num = _partition(context)
+    key = repr((cfg.dataset, cfg.data_root, cfg.model, cfg.pretrained, cfg.seed, cfg.n_max,
+                cfg.imbalance_factor, cfg.dirichlet_alpha, cfg.min_client_samples,
+                cfg.client_test_size, pid, num))
+    cached = context.state.config_records.get(FEATURES_KEY)
+    if cached is not None and cached["key"] == key and FEATURES in context.state.array_records:
+        arrays = context.state.array_records[FEATURES].to_torch_state_dict()
+        device = task.load_clip(cfg).device
+        return tuple(
+            FeatureSet(*(arrays[f"{split}.{field}"].to(device) for field in ("features", "labels", "zero_shot_logits")))
+            for split in ("train", "test")
+        )
+    train, test = task.client_feature_sets(cfg, pid, num)
+    state = {}
+    for split, data in (("train", train), ("test", test)):
+        state[f"{split}.features"] = data.features.cpu()
+        state[f"{split}.labels"] = data.labels.cpu()
+        state[f"{split}.zero_shot_logits"] = data.zero_shot_logits.cpu()
+    context.state[FEATURES] = ArrayRecord(state)
+    context.state[FEATURES_KEY] = ConfigRecord({"key": key})
+    return train, test
+
+
+def _model(cfg: RunConfig, msg: Message, context: Context) -> PeftVariant:
+    """The PEFT model with the received phi_g and this client's own phi_k."""
+    peft = task.build_model(cfg)
+    peft.load_global_state(msg.content["arrays"].to_torch_state_dict())
+    if PHI_K in context.state.array_records:
+        peft.load_private_state(context.state.array_records[PHI_K].to_torch_state_dict())
+    return peft
+
+
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, PeftVariant, FeatureSet, FeatureSet, int, int]:
+    cfg = parse_run_config(context.run_config)
+    train, test = _features(cfg, context)
+    server_round = int(msg.content["config"]["server-round"])
+    pid, _ = _partition(context)
+    return cfg, _model(cfg, msg, context), train, test, server_round, pid
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Stage 1: purified local epochs on phi_g; reply with phi_g only."""
+    cfg, peft, data, _, server_round, pid = _setup(msg, context)
+    stats = train_global(
+        peft, data, task.stage1_options(cfg), cfg.local_epochs, cfg.batch_size,
+        seeded_generator(cfg.seed, 1, server_round, pid),
+    )
+    metrics = MetricRecord({"num-examples": len(data), **stats.means()})
+    return Message(
+        RecordDict({"arrays": ArrayRecord(peft.global_state()), "metrics": metrics}), reply_to=msg
+    )
+
+
+@app.train("personalize")
+def personalize(msg: Message, context: Context) -> Message:
+    """Stage 2: train the private residual phi_k against the received phi_g."""
+    cfg, peft, data, _, server_round, pid = _setup(msg, context)
+    loss = train_private(
+        peft, data, cfg.lam, cfg.personal_lr, cfg.personal_epochs, cfg.batch_size,
+        seeded_generator(cfg.seed, 2, server_round, pid),
+    )
+    context.state[PHI_K] = ArrayRecord(peft.private_state())
+    metrics = MetricRecord({"num-examples": len(data), "residual-loss": loss})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """PM evaluation on the client's test set: predictions of l_G + l_P, l_G and z.
+
+    Replies the predictions and labels (integers) so that the server can pool
+    Many / Medium / Few over clients; no parameters.
+    """
+    _, peft, _, test, _, _ = _setup(msg, context)
+    personalized = PHI_K in context.state.array_records
+    metrics = MetricRecord(
+        {
+            "num-examples": len(test),
+            "personalized": int(personalized),
+            "labels": test.labels.tolist(),
+            "pm-preds": predict(peft, test.features, personalized=personalized).tolist(),
+            "gm-preds": predict(peft, test.features).tolist(),
+            "zs-preds": test.zero_shot_logits.argmax(dim=-1).tolist(),
+        }
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+

@@ -1,0 +1,142 @@
+"""The run config: one pydantic model, validated once at the edge of each app.
+
+Every knob lives in ``[tool.flwr.app.config]`` of ``pyproject.toml`` under a
+kebab-case name (``local-epochs``); :class:`RunConfig` holds the same knobs as
+snake_case attributes. :func:`parse_run_config` turns a Flower ``run_config``
+mapping into a validated :class:`RunConfig`, or raises :class:`ConfigError`
+whose message lists every problem at once, naming the key, the bad value and
+what is accepted.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+def _to_kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the run config; the message says what to change."""
+
+
+class RunConfig(BaseModel):
+    """All knobs of a FedPuReL run (defaults: the embedded default run)."""
+
+    model_config = ConfigDict(
+        alias_generator=_to_kebab,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+    # --- data: Fed-LT protocol (METHOD.md "Data protocol") ---
+    dataset: Literal["mnist", "mnist-animals"] = "mnist"
+    data_root: str = ""
+    n_max: int = Field(150, ge=1)
+    imbalance_factor: float = Field(100.0, ge=1.0)
+    dirichlet_alpha: float = Field(1.0, gt=0.0)
+    min_client_samples: int = Field(4, ge=1)
+    client_test_size: int = Field(100, ge=1)
+    many_threshold: float = Field(40.0, ge=0.0)
+    few_threshold: float = Field(10.0, ge=0.0)
+
+    # --- model ---
+    model: str = Field("fedpurel-tiny", min_length=1)
+    pretrained: str = Field("embedded", min_length=1)
+    cache_dir: str = ""
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+
+    # --- PEFT ---
+    peft: Literal["prompt"] = "prompt"
+    n_ctx: int = Field(4, ge=1, le=16)
+    ctx_init: str = "a photo of a"
+
+    # --- Stage 1: global balanced training ---
+    align: Literal["tkl", "kl", "none"] = "tkl"
+    granularity: Literal["tensor", "flat"] = "tensor"
+    num_rounds: int = Field(20, ge=1)
+    local_epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    fraction_train: float = Field(0.4, gt=0.0, le=1.0)
+    all_clients_first_round: bool = True
+    min_nodes: int = Field(2, ge=1)
+    tau_min: float = Field(0.05, gt=0.0)
+    tau_max: float = Field(20.0, gt=0.0)
+    tau_tol: float = Field(1e-4, gt=0.0)
+    tau_max_iter: int = Field(50, ge=1)
+
+    # --- Stage 2: personalized residual learning ---
+    personalization: Literal["post", "interleaved"] = "post"
+    personal_rounds: int = Field(5, ge=0)
+    personal_epochs: int = Field(1, ge=1)
+    personal_lr: float = Field(0.01, gt=0.0)
+    lam: float = Field(0.9, ge=0.0, le=1.0)
+
+    # --- evaluation and output ---
+    eval_every: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0)
+    output_dir: str = Field("outputs", min_length=1)
+    round_timeout: float = Field(3600.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check_relations(self) -> RunConfig:
+        if self.tau_min >= self.tau_max:
+            raise ValueError(
+                f"tau-min ({self.tau_min}) must be smaller than tau-max ({self.tau_max})"
+            )
+        if self.few_threshold > self.many_threshold:
+            raise ValueError(
+                f"few-threshold ({self.few_threshold}) must not exceed "
+                f"many-threshold ({self.many_threshold})"
+            )
+        return self
+
+    def to_flower(self) -> dict[str, Any]:
+        """The config as a Flower-style mapping with kebab-case keys."""
+        return self.model_dump(by_alias=True)
+
+    def resolved_output_dir(self, app_dir: Path) -> Path:
+        """``output-dir`` as an absolute path (relative ones are under ``app_dir``)."""
+        path = Path(self.output_dir).expanduser()
+        return path if path.is_absolute() else (app_dir / path).resolve()
+
+
+KNOWN_KEYS = tuple(_to_kebab(name) for name in RunConfig.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc, KNOWN_KEYS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown key '{loc}'{hint}"
+    if not loc:  # a relation between keys (model_validator)
+        return error["msg"].removeprefix("Value error, ")
+    return f"key '{loc}': value {error['input']!r} is invalid: {error['msg'].lower()}"
+
+
+def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Validate a Flower ``run_config`` mapping (kebab-case keys) once.
+
+    Raises :class:`ConfigError` listing every problem, one per line.
+    """
+    try:
+        return RunConfig.model_validate(dict(run_config))
+    except ValidationError as err:
+        problems = [_describe(e) for e in err.errors()]
+        raise ConfigError(
+            "Invalid run config:\n  - "
+            + "\n  - ".join(problems)
+            + "\nFix these keys in [tool.flwr.app.config] of pyproject.toml "
+            "or in --run-config, then run again."
+        ) from None

@@ -1,0 +1,84 @@
+"""The interface every PEFT variant implements: a global branch and a private one.
+
+A variant owns two branches of the same shape (METHOD.md "Notation"):
+
+- ``phi_g``: the global, shared parameters, trained in Stage 1 and aggregated
+  by the server;
+- ``phi_k``: the client's private residual parameters, trained in Stage 2;
+  they never leave the client.
+
+Both map (cached) image features to class logits that carry CLIP's logit
+scale. The frozen CLIP backbone is shared by the two branches and is not part
+of either.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class PeftVariant(nn.Module, ABC):
+    """Two branches of one PEFT method over a frozen CLIP."""
+
+    phi_g: nn.Module
+    phi_k: nn.Module
+
+    @abstractmethod
+    def branch_logits(self, branch: nn.Module, image_features: torch.Tensor) -> torch.Tensor:
+        """Scaled class logits [B, C] of ``branch`` for L2-normalised image features."""
+
+    def global_logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        """l_G: logits with phi_g."""
+        return self.branch_logits(self.phi_g, image_features)
+
+    def private_logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        """l_P: logits with phi_k."""
+        return self.branch_logits(self.phi_k, image_features)
+
+    def global_parameters(self) -> list[nn.Parameter]:
+        return list(self.phi_g.parameters())
+
+    def private_parameters(self) -> list[nn.Parameter]:
+        return list(self.phi_k.parameters())
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """phi_g as a CPU state dict: what a client sends and the server aggregates."""
+        return _state(self.phi_g)
+
+    def private_state(self) -> dict[str, torch.Tensor]:
+        """phi_k as a CPU state dict: kept by the client only."""
+        return _state(self.phi_k)
+
+    def load_global_state(self, state: Mapping[str, torch.Tensor | np.ndarray]) -> None:
+        _load(self.phi_g, state, "phi_g")
+
+    def load_private_state(self, state: Mapping[str, torch.Tensor | np.ndarray]) -> None:
+        _load(self.phi_k, state, "phi_k")
+
+
+def _state(branch: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().cpu().clone() for key, value in branch.state_dict().items()}
+
+
+def _load(branch: nn.Module, state: Mapping[str, torch.Tensor | np.ndarray], what: str) -> None:
+    expected = branch.state_dict()
+    if set(state) != set(expected):
+        raise ValueError(
+            f"{what} keys do not match this model: expected {sorted(expected)}, "
+            f"got {sorted(state)}"
+        )
+    tensors = {}
+    for key, value in state.items():
+        tensor = torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value)
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"{what}['{key}'] has shape {tuple(tensor.shape)}, "
+                f"this model expects {tuple(expected[key].shape)}"
+            )
+        tensors[key] = tensor.to(expected[key].dtype)
+    branch.load_state_dict(tensors)

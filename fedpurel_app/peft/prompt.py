@@ -1,0 +1,112 @@
+"""CoOp text prompts: ``n_ctx`` learned context vectors shared by all classes.
+
+The class prompt is ``"X X X X {class}."`` whose ``X`` token embeddings are
+replaced by the context vectors of a branch (METHOD.md "PEFT variants":
+prompt). The image encoder is frozen, so a branch maps cached image features
+to logits through the text encoder only:
+
+    logits = exp(logit_scale) * norm(img) @ norm(text(ctx)).T
+
+The text transformer is causal and pooled at the EOT token, so token sequences
+are truncated to ``max(EOT) + 1``: identical features, far less compute.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import Clip
+from .base import PeftVariant
+
+
+class PromptContext(nn.Module):
+    """One branch: the context vectors [n_ctx, width]."""
+
+    def __init__(self, ctx: torch.Tensor) -> None:
+        super().__init__()
+        self.ctx = nn.Parameter(ctx.clone())
+
+
+def _text_tower(model: nn.Module) -> nn.Module:
+    """open_clip's CLIP keeps the text tower on the model, CustomTextCLIP in ``.text``."""
+    return model.text if hasattr(model, "text") else model
+
+
+class PromptPeft(PeftVariant):
+    """CoOp prompt learning with a global and a private context."""
+
+    def __init__(
+        self,
+        clip: Clip,
+        classnames: tuple[str, ...],
+        n_ctx: int = 4,
+        ctx_init: str = "a photo of a",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        tower = _text_tower(clip.model)
+        # Frozen modules are used, not owned: keep them out of this module's state.
+        self._tower = (tower,)
+        self.logit_scale = float(clip.logit_scale)
+
+        prompts = [" ".join(["X"] * n_ctx) + f" {name}." for name in classnames]
+        tokens = clip.tokenizer(prompts).to(clip.device)
+        eot = tokens.argmax(dim=-1)
+        length = int(eot.max()) + 1
+        if int(eot.min()) < n_ctx + 2:
+            raise ValueError("a class prompt was truncated by the tokenizer's context length")
+        tokens = tokens[:, :length]
+        with torch.no_grad():
+            embedding = tower.token_embedding(tokens)
+        self.register_buffer("prefix", embedding[:, :1].clone(), persistent=False)
+        self.register_buffer("suffix", embedding[:, 1 + n_ctx :].clone(), persistent=False)
+        self.register_buffer("eot", eot, persistent=False)
+        self.register_buffer(
+            "positional", tower.positional_embedding[:length].detach().clone(), persistent=False
+        )
+        mask = tower.attn_mask
+        self.register_buffer(
+            "attn_mask", None if mask is None else mask[:length, :length].clone(), persistent=False
+        )
+
+        ctx = self._initial_context(clip, tower, n_ctx, ctx_init, seed)
+        self.phi_g = PromptContext(ctx)
+        self.phi_k = PromptContext(ctx)
+
+    @staticmethod
+    def _initial_context(
+        clip: Clip, tower: nn.Module, n_ctx: int, ctx_init: str, seed: int
+    ) -> torch.Tensor:
+        width = tower.token_embedding.weight.shape[1]
+        if not ctx_init:
+            generator = torch.Generator().manual_seed(seed)
+            return (torch.randn(n_ctx, width, generator=generator) * 0.02).to(clip.device)
+        tokens = clip.tokenizer([ctx_init]).to(clip.device)
+        n_words = int(tokens.argmax(dim=-1)[0]) - 1
+        if n_words != n_ctx:
+            raise ValueError(
+                f"ctx-init {ctx_init!r} has {n_words} tokens but n-ctx is {n_ctx}: "
+                f"set n-ctx = {n_words} or choose a phrase of {n_ctx} tokens "
+                "(or ctx-init = \"\" for a random init)"
+            )
+        with torch.no_grad():
+            return tower.token_embedding(tokens)[0, 1 : 1 + n_ctx].clone()
+
+    def text_features(self, branch: nn.Module) -> torch.Tensor:
+        """L2-normalised class text features [C, D] for a branch's context."""
+        tower = self._tower[0]
+        num_classes = self.prefix.shape[0]
+        ctx = branch.ctx.unsqueeze(0).expand(num_classes, -1, -1)
+        x = torch.cat([self.prefix, ctx, self.suffix], dim=1) + self.positional
+        x = tower.transformer(x, attn_mask=self.attn_mask)
+        x = tower.ln_final(x)
+        x = x[torch.arange(num_classes, device=x.device), self.eot]
+        projection = tower.text_projection
+        if projection is not None:
+            x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
+        return F.normalize(x, dim=-1)
+
+    def branch_logits(self, branch: nn.Module, image_features: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * image_features @ self.text_features(branch).T

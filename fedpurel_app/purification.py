@@ -1,0 +1,205 @@
+"""Gradient purification, METHOD.md "Stage 1", steps 4-5.
+
+With ``g_task`` the gradient of ``L_task = CE(f, y)`` and ``g_align`` the
+gradient of ``L_align = TKL(z || f)`` with respect to phi_g, for every unit
+(each parameter tensor, or one flattened vector over all of phi_g)::
+
+    if <g_task, g_align> < 0:
+        g = g_task - (<g_task, g_align> / (||g_align||^2 + eps)) * g_align
+    else:
+        g = g_task
+
+i.e. the component of the task gradient that conflicts with the alignment
+direction is projected out. ``g_align`` itself is never added. The epsilon
+guards ``||g_align|| = 0`` (the reference produces NaN there).
+
+Dot products and norms are computed in float32 (float64 for float64 input);
+each purified gradient is returned in the dtype of its task gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GRANULARITIES",
+    "PurificationStats",
+    "purify_gradients",
+    "purify_gradients_with_stats",
+]
+
+#: Accepted values of ``granularity``.
+GRANULARITIES: tuple[str, ...] = ("tensor", "flat")
+
+
+@dataclass(frozen=True)
+class PurificationStats:
+    """Diagnostics of one purification call.
+
+    Attributes:
+        conflict: fraction of units (tensors for "tensor", the single
+            flattened vector for "flat") with ``<g_task, g_align> < 0``, in [0, 1].
+        cosine: cosine similarity between the full flattened task and align
+            gradients before purification; 0.0 if either is zero.
+    """
+
+    conflict: float
+    cosine: float
+
+
+def _acc_dtype(*tensors: Tensor) -> torch.dtype:
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def _pairs(
+    task_grads: Sequence[Optional[Tensor]],
+    align_grads: Sequence[Optional[Tensor]],
+) -> list[tuple[Tensor, Tensor, bool]]:
+    """Validate inputs and fill ``None`` with zeros.
+
+    Returns ``(g_task, g_align, task_was_none)`` triples.
+    """
+    if len(task_grads) != len(align_grads):
+        raise ValueError(
+            f"task_grads and align_grads must have the same length, got "
+            f"{len(task_grads)} and {len(align_grads)}"
+        )
+    out: list[tuple[Tensor, Tensor, bool]] = []
+    for i, (gt, ga) in enumerate(zip(task_grads, align_grads)):
+        if gt is None and ga is None:
+            raise ValueError(f"task and align gradients are both None at index {i}")
+        if gt is None:
+            assert ga is not None
+            out.append((torch.zeros_like(ga), ga, True))
+            continue
+        if ga is None:
+            ga = torch.zeros_like(gt)
+        if gt.shape != ga.shape:
+            raise ValueError(
+                f"gradient shapes differ at index {i}: task {tuple(gt.shape)} "
+                f"vs align {tuple(ga.shape)}"
+            )
+        out.append((gt, ga, False))
+    return out
+
+
+def _purify(
+    task_grads: Sequence[Optional[Tensor]],
+    align_grads: Sequence[Optional[Tensor]],
+    granularity: str,
+    eps: float,
+) -> tuple[list[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Shared implementation.
+
+    Returns ``(purified, unit_conflicts, dot_total, task_sq_total, align_sq_total)``
+    where the last four are 0-d/1-d tensors (``None`` for empty input) kept
+    on-device so that callers that do not need statistics never synchronise.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(
+            f"unknown granularity {granularity!r}; accepted values: {', '.join(map(repr, GRANULARITIES))}"
+        )
+    pairs = _pairs(task_grads, align_grads)
+    if not pairs:
+        return [], None, None, None, None
+
+    device = pairs[0][0].device
+    acc = _acc_dtype(*(t for pair in pairs for t in pair[:2]))
+    dots, task_sq, align_sq = [], [], []
+    for gt, ga, _ in pairs:
+        gt_a = gt.detach().to(acc)
+        ga_a = ga.detach().to(acc)
+        dots.append((gt_a * ga_a).sum().to(device))
+        task_sq.append((gt_a * gt_a).sum().to(device))
+        align_sq.append((ga_a * ga_a).sum().to(device))
+    dot_t = torch.stack(dots)  # [n_tensors]
+    task_sq_t = torch.stack(task_sq)
+    align_sq_t = torch.stack(align_sq)
+
+    if granularity == "tensor":
+        unit_dot = dot_t
+        unit_sq = align_sq_t
+    else:  # "flat": one unit over all tensors
+        unit_dot = dot_t.sum().expand_as(dot_t)
+        unit_sq = align_sq_t.sum().expand_as(dot_t)
+    conflict = unit_dot < 0
+    coef = torch.where(conflict, unit_dot / (unit_sq + eps), torch.zeros_like(unit_dot))
+
+    purified: list[Tensor] = []
+    for i, (gt, ga, task_was_none) in enumerate(pairs):
+        out_dtype = ga.dtype if task_was_none else gt.dtype
+        c = coef[i].to(gt.device)
+        projected = (gt.to(acc) - c * ga.to(acc)).to(out_dtype)
+        purified.append(torch.where(conflict[i].to(gt.device), projected, gt.to(out_dtype)))
+
+    unit_conflicts = conflict if granularity == "tensor" else conflict[:1]
+    return purified, unit_conflicts, dot_t.sum(), task_sq_t.sum(), align_sq_t.sum()
+
+
+def purify_gradients_with_stats(
+    task_grads: Sequence[Optional[Tensor]],
+    align_grads: Sequence[Optional[Tensor]],
+    granularity: str = "tensor",
+    eps: float = 1e-12,
+) -> tuple[list[Tensor], PurificationStats]:
+    """Purify gradients and report conflict fraction and cosine.
+
+    See :func:`purify_gradients` for the rule. ``PurificationStats.conflict``
+    is the fraction of units that conflicted; ``PurificationStats.cosine`` is
+    ``<G_task, G_align> / (||G_task|| ||G_align||)`` over the full flattened
+    gradients before purification (0.0 if either is zero). Empty input gives
+    ``([], PurificationStats(0.0, 0.0))``.
+    """
+    purified, conflicts, dot, tsq, asq = _purify(task_grads, align_grads, granularity, eps)
+    if conflicts is None:
+        return purified, PurificationStats(conflict=0.0, cosine=0.0)
+    assert dot is not None and tsq is not None and asq is not None
+    conflict = float(conflicts.to(torch.float64).mean().item())
+    tsq_f, asq_f, dot_f = float(tsq.item()), float(asq.item()), float(dot.item())
+    if tsq_f > 0.0 and asq_f > 0.0 and all(map(math.isfinite, (tsq_f, asq_f, dot_f))):
+        cosine = max(-1.0, min(1.0, dot_f / ((tsq_f ** 0.5) * (asq_f ** 0.5))))
+    else:
+        cosine = 0.0
+    return purified, PurificationStats(conflict=conflict, cosine=cosine)
+
+
+def purify_gradients(
+    task_grads: Sequence[Optional[Tensor]],
+    align_grads: Sequence[Optional[Tensor]],
+    granularity: str = "tensor",
+    eps: float = 1e-12,
+) -> list[Tensor]:
+    """Gradient purification of the task gradient against the alignment gradient.
+
+    For each unit (each tensor for ``granularity="tensor"``, the reference and
+    default; one flattened vector over all tensors for ``"flat"``)::
+
+        g = g_task - (<g_task, g_align> / (||g_align||^2 + eps)) * g_align   if <g_task, g_align> < 0
+        g = g_task                                                          otherwise
+
+    ``g_align`` is never added. ``None`` entries mean a zero gradient (a
+    ``None`` task gradient yields ``zeros_like`` the align gradient); both
+    ``None`` at the same index raises ``ValueError``. Inputs are not modified.
+
+    Args:
+        task_grads: gradients of ``L_task`` w.r.t. phi_g, one per parameter.
+        align_grads: gradients of ``L_align`` w.r.t. phi_g, same order/shapes.
+        granularity: ``"tensor"`` or ``"flat"``.
+        eps: added to ``||g_align||^2`` in the projection coefficient.
+
+    Returns:
+        Purified gradients, one per parameter, in the task gradient's dtype.
+
+    Raises:
+        ValueError: length/shape mismatch, both gradients ``None``, or an
+            unknown granularity.
+    """
+    purified, *_ = _purify(task_grads, align_grads, granularity, eps)
+    return purified

@@ -1,0 +1,145 @@
+"""From a validated config to the cached inputs of the training loops.
+
+Data flows one way: config -> dataset and Fed-LT split -> frozen CLIP ->
+cached image features and zero-shot logits (:class:`FeatureSet`) -> training.
+Both apps call these functions; neither holds method logic of its own.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .data import DatasetBundle, load_dataset
+from .data.fedlt import FedLTSplit, build_fedlt
+from .models import Clip, create_clip, encode_images, zero_shot_logits, zero_shot_text_features
+from .peft import PeftVariant, build_peft
+from .training import FeatureSet, Stage1Options
+
+# The embedded CLIP and the dataset's pretrain/test/train-pool split do not depend
+# on the experiment seed: like released CLIP weights, they are fixed.
+BACKBONE_SEED = 0
+
+
+@functools.lru_cache(maxsize=2)
+def dataset(name: str, root: str) -> DatasetBundle:
+    """The dataset bundle (cached per process)."""
+    return load_dataset(name, root or None, seed=BACKBONE_SEED)
+
+
+@functools.lru_cache(maxsize=2)
+def _clip(model: str, pretrained: str, cache_dir: str, device: str, data: str, root: str) -> Clip:
+    return create_clip(
+        model,
+        pretrained,
+        cache_dir=cache_dir or None,
+        device=device,
+        pretrain_dataset=dataset(data, root),
+        seed=BACKBONE_SEED,
+    )
+
+
+def load_clip(cfg: RunConfig) -> Clip:
+    """The frozen CLIP of the run (cached per process; the embedded one is pretrained once)."""
+    return _clip(cfg.model, cfg.pretrained, cfg.cache_dir, cfg.device, cfg.dataset, cfg.data_root)
+
+
+def fedlt_split(cfg: RunConfig, num_clients: int) -> FedLTSplit:
+    """The Fed-LT split for ``num_clients`` clients: the same in every process."""
+    bundle = dataset(cfg.dataset, cfg.data_root)
+    return build_fedlt(
+        bundle.train.labels,
+        bundle.test.labels,
+        bundle.num_classes,
+        num_clients,
+        cfg.n_max,
+        cfg.imbalance_factor,
+        cfg.dirichlet_alpha,
+        cfg.min_client_samples,
+        cfg.client_test_size,
+        cfg.seed,
+    )
+
+
+def class_counts(cfg: RunConfig) -> np.ndarray:
+    """Global long-tailed train count per class (for Many / Medium / Few)."""
+    from .data.fedlt import long_tail_counts
+
+    bundle = dataset(cfg.dataset, cfg.data_root)
+    return long_tail_counts(cfg.n_max, cfg.imbalance_factor, bundle.num_classes)
+
+
+def build_model(cfg: RunConfig) -> PeftVariant:
+    """The PEFT variant over the run's frozen CLIP, at its initial phi_g and phi_k."""
+    clip = load_clip(cfg)
+    bundle = dataset(cfg.dataset, cfg.data_root)
+    return build_peft(cfg.peft, clip, bundle.classnames, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, seed=cfg.seed)
+
+
+def feature_set(cfg: RunConfig, split) -> FeatureSet:
+    """Encode a split once with the frozen image encoder and its zero-shot logits z."""
+    clip = load_clip(cfg)
+    bundle = dataset(cfg.dataset, cfg.data_root)
+    text = zero_shot_text_features(clip, bundle.classnames, bundle.template)
+    features = encode_images(clip, split)
+    logits = zero_shot_logits(clip, features, text)
+    labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)
+    return FeatureSet(features.to(clip.device), labels.to(clip.device), logits.to(clip.device))
+
+
+def client_feature_sets(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[FeatureSet, FeatureSet]:
+    """A client's (train, test) feature sets: its own partition, nothing of others."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions - 1}]")
+    bundle = dataset(cfg.dataset, cfg.data_root)
+    split = fedlt_split(cfg, num_partitions)
+    train = bundle.train.subset(split.client_train[partition_id])
+    test = bundle.test.subset(split.client_test[partition_id])
+    return feature_set(cfg, train), feature_set(cfg, test)
+
+
+def global_test_set(cfg: RunConfig) -> FeatureSet:
+    """The balanced global test set (GM evaluation), encoded once."""
+    return feature_set(cfg, dataset(cfg.dataset, cfg.data_root).test)
+
+
+def stage1_options(cfg: RunConfig) -> Stage1Options:
+    return Stage1Options(
+        align=cfg.align,
+        granularity=cfg.granularity,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        tau_min=cfg.tau_min,
+        tau_max=cfg.tau_max,
+        tau_tol=cfg.tau_tol,
+        tau_max_iter=cfg.tau_max_iter,
+    )
+
+
+def evaluate_global(cfg: RunConfig, peft: PeftVariant, test: FeatureSet, counts: np.ndarray) -> dict:
+    """GM metrics of phi_g on the balanced test set, plus TKL(z || l_G) there."""
+    from .metrics import gm_summary
+    from .tkl import temperature_aligned_kl
+    from .training import predict
+
+    with torch.no_grad():
+        divergence = temperature_aligned_kl(
+            peft.global_logits(test.features), test.zero_shot_logits,
+            tau_min=cfg.tau_min, tau_max=cfg.tau_max, tol=cfg.tau_tol, max_iter=cfg.tau_max_iter,
+        )
+    preds = predict(peft, test.features).cpu().numpy()
+    summary = gm_summary(preds, test.labels.cpu().numpy(), counts, cfg.many_threshold, cfg.few_threshold)
+    summary["tkl_to_zero_shot"] = float(divergence)
+    return summary
+
+
+def evaluate_zero_shot(cfg: RunConfig, test: FeatureSet, counts: np.ndarray) -> dict:
+    """GM metrics of the frozen zero-shot CLIP on the balanced test set."""
+    from .metrics import gm_summary
+
+    preds = test.zero_shot_logits.argmax(dim=-1).cpu().numpy()
+    return gm_summary(preds, test.labels.cpu().numpy(), counts, cfg.many_threshold, cfg.few_threshold)

@@ -1,0 +1,234 @@
+"""Temperature-aligned KL divergence (TKL), METHOD.md "Stage 1", step 3.
+
+The alignment loss of Stage 1 keeps the global model (phi_g) close to the
+zero-shot CLIP teacher without forcing it to copy the teacher's confidence:
+
+* ``H(p) = -sum_c p_c log p_c`` (natural log), evaluated at T = 1 on the
+  student logits ``f`` and the zero-shot logits ``z``;
+* per-sample target entropy ``H* = (H(softmax(f)) + H(softmax(z))) / 2``;
+* per-sample temperatures ``tau_f``, ``tau_z`` with
+  ``H(softmax(f / tau_f)) = H*`` and ``H(softmax(z / tau_z)) = H*``, found by
+  batched bisection (entropy is non-decreasing in tau) and detached;
+* ``L_align = mean_b KL(softmax(z / tau_z) || softmax(f / tau_f))`` with
+  probabilities clamped at 1e-12, teacher || student, no ``T^2`` factor.
+
+The ablation "kl" is the same loss with ``tau_f = tau_z = 1``.
+
+Dtype policy: every computation runs in ``float32`` when the inputs are
+``float16``/``bfloat16`` (and in ``float64`` for ``float64`` inputs); results
+are returned in that computation dtype (i.e. never in half precision).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "PROB_CLAMP",
+    "FLAT_TAU",
+    "entropy",
+    "solve_temperature",
+    "aligned_temperatures",
+    "temperature_aligned_kl",
+]
+
+#: Lower clamp applied to probabilities inside the KL (METHOD.md: 1e-12).
+PROB_CLAMP: float = 1e-12
+_LOG_PROB_CLAMP: float = math.log(PROB_CLAMP)
+
+#: Temperature returned for rows whose entropy is flat over the bracket
+#: (e.g. all logits equal): any tau gives the same distribution, so we return
+#: the neutral temperature 1.0.
+FLAT_TAU: float = 1.0
+
+#: A row counts as "flat" when H(tau_max) - H(tau_min) is at most this.
+_FLAT_ENTROPY_SPAN: float = 1e-6
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """float32 for half/bfloat16/integer inputs, the input dtype otherwise."""
+    if t.dtype in (torch.float32, torch.float64):
+        return t.dtype
+    return torch.float32
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """Per-row Shannon entropy of ``softmax(logits)`` over the last dim.
+
+    ``H(p) = -sum_c p_c log p_c`` with the natural log (METHOD.md Stage 1,
+    step 3). Terms with ``p_c = 0`` (e.g. ``-inf`` logits) contribute 0.
+
+    Args:
+        logits: ``[..., C]`` tensor (typically ``[B, C]``).
+
+    Returns:
+        ``[...]`` entropies (``[B]`` for ``[B, C]`` input), in float32 for
+        half-precision input. Differentiable.
+    """
+    x = logits.to(_compute_dtype(logits))
+    logp = F.log_softmax(x, dim=-1)
+    p = logp.exp()
+    plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
+    return -plogp.sum(dim=-1)
+
+
+def solve_temperature(
+    logits: Tensor,
+    target_entropy: Union[Tensor, float],
+    tau_min: float = 0.05,
+    tau_max: float = 20.0,
+    tol: float = 1e-4,
+    max_iter: int = 50,
+) -> Tensor:
+    """Per-row tau in ``[tau_min, tau_max]`` with ``H(softmax(logits / tau)) = target``.
+
+    Batched bisection over all rows at once (METHOD.md Stage 1, step 3; the
+    reference brackets tau in [0.05, 20]). Entropy is non-decreasing in tau,
+    so at every step ``lo <- mid`` where ``H(mid) < target`` and ``hi <- mid``
+    otherwise; the answer is the bracket midpoint. All rows share the same
+    bracket width, which halves each step, so the loop runs
+    ``min(max_iter, ceil(log2((tau_max - tau_min) / tol)))`` steps: exactly
+    "until every row's bracket width is below tol, or max_iter" without a
+    device synchronisation per step.
+
+    Edge cases:
+      * target <= H(tau_min): tau = tau_min; target >= H(tau_max): tau = tau_max
+        (unreachable targets clamp to the bracket end);
+      * rows whose entropy is flat over the bracket
+        (``H(tau_max) - H(tau_min) <= 1e-6``, e.g. all logits equal, or logits
+        so extreme that the row is one-hot at every tau in the bracket) get
+        ``tau = FLAT_TAU = 1.0``;
+      * NaN targets are treated as unreachable from below (tau = tau_min).
+
+    Args:
+        logits: ``[..., C]`` logits (``[B, C]`` typically).
+        target_entropy: float or tensor broadcastable to ``logits.shape[:-1]``.
+        tau_min, tau_max: bracket, ``0 < tau_min < tau_max``.
+        tol: bracket width at which bisection stops.
+        max_iter: maximum number of bisection steps.
+
+    Returns:
+        Detached ``[...]`` temperatures (float32 for half-precision input).
+    """
+    if not (0.0 < tau_min < tau_max) or not math.isfinite(tau_max):
+        raise ValueError(f"need 0 < tau_min < tau_max < inf, got tau_min={tau_min}, tau_max={tau_max}")
+    if tol <= 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    if max_iter < 0:
+        raise ValueError(f"max_iter must be >= 0, got {max_iter}")
+
+    with torch.no_grad():
+        dtype = _compute_dtype(logits)
+        x = logits.detach().to(dtype)
+        batch_shape = x.shape[:-1]
+        target = torch.as_tensor(target_entropy, dtype=dtype, device=x.device)
+        target = torch.broadcast_to(target, batch_shape)
+        # A NaN target would make every comparison False; route it to tau_min.
+        target = torch.nan_to_num(target, nan=-math.inf)
+
+        def h_at(tau: Tensor) -> Tensor:
+            return entropy(x / tau.unsqueeze(-1))
+
+        lo = torch.full(batch_shape, tau_min, dtype=dtype, device=x.device)
+        hi = torch.full(batch_shape, tau_max, dtype=dtype, device=x.device)
+        h_lo = h_at(lo)
+        h_hi = h_at(hi)
+
+        width = tau_max - tau_min
+        n_iter = 0 if width < tol else min(max_iter, math.ceil(math.log2(width / tol)))
+        for _ in range(n_iter):
+            mid = 0.5 * (lo + hi)
+            below = h_at(mid) < target
+            lo = torch.where(below, mid, lo)
+            hi = torch.where(below, hi, mid)
+        tau = 0.5 * (lo + hi)
+
+        tau = torch.where(target <= h_lo, torch.full_like(tau, tau_min), tau)
+        tau = torch.where(target >= h_hi, torch.full_like(tau, tau_max), tau)
+        flat = (h_hi - h_lo).abs() <= _FLAT_ENTROPY_SPAN
+        tau = torch.where(flat, torch.full_like(tau, FLAT_TAU), tau)
+        # Non-finite logits can make h_lo/h_hi NaN; never return NaN.
+        tau = torch.nan_to_num(tau, nan=FLAT_TAU).clamp(tau_min, tau_max)
+    return tau.detach()
+
+
+def aligned_temperatures(
+    student_logits: Tensor, teacher_logits: Tensor, **solve_kwargs: Any
+) -> tuple[Tensor, Tensor]:
+    """Per-sample temperatures that equalise student and teacher entropies.
+
+    ``H* = (H(softmax(f)) + H(softmax(z))) / 2`` per row, then
+    ``tau_f = solve_temperature(f, H*)`` and ``tau_z = solve_temperature(z, H*)``
+    (METHOD.md Stage 1, step 3). No gradient flows through the solve.
+
+    Args:
+        student_logits: ``f``, ``[B, C]`` logits of the model with phi_g.
+        teacher_logits: ``z``, ``[B, C]`` zero-shot logits.
+        **solve_kwargs: forwarded to :func:`solve_temperature`
+            (``tau_min``, ``tau_max``, ``tol``, ``max_iter``).
+
+    Returns:
+        ``(tau_f, tau_z)``, each detached ``[B]``.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    with torch.no_grad():
+        f = student_logits.detach()
+        z = teacher_logits.detach().to(device=f.device)
+        h_star = 0.5 * (entropy(f) + entropy(z).to(_compute_dtype(f)))
+        tau_f = solve_temperature(f, h_star, **solve_kwargs)
+        tau_z = solve_temperature(z, h_star, **solve_kwargs)
+    return tau_f, tau_z
+
+
+def temperature_aligned_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    aligned: bool = True,
+    **solve_kwargs: Any,
+) -> Tensor:
+    """TKL alignment loss ``L_align`` (METHOD.md Stage 1, step 3).
+
+    ``L = mean_b sum_c p_c (log p_c - log q_c)`` with
+    ``p = softmax(z / tau_z)`` (teacher, detached) and
+    ``q = softmax(f / tau_f)`` (student), both clamped at 1e-12 (implemented
+    as ``log p = max(log_softmax, log 1e-12)``, ``p = exp(log p)``, which is
+    identical to clamping the probabilities). No ``T^2`` factor.
+
+    Args:
+        student_logits: ``f``, ``[B, C]``; the only input that receives gradient.
+        teacher_logits: ``z``, ``[B, C]`` zero-shot logits (detached here).
+        aligned: ``True`` for TKL (per-sample entropy-aligned temperatures);
+            ``False`` for the "kl" ablation (``tau_f = tau_z = 1``).
+        **solve_kwargs: forwarded to :func:`solve_temperature`.
+
+    Returns:
+        Scalar loss (float32 for half-precision input), finite.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    dtype = _compute_dtype(student_logits)
+    f = student_logits.to(dtype)
+    z = teacher_logits.detach().to(device=f.device, dtype=dtype)
+    if aligned:
+        tau_f, tau_z = aligned_temperatures(f.detach(), z, **solve_kwargs)
+        f = f / tau_f.to(dtype).unsqueeze(-1)
+        z = z / tau_z.to(dtype).unsqueeze(-1)
+    log_p = F.log_softmax(z, dim=-1).clamp_min(_LOG_PROB_CLAMP)
+    log_q = F.log_softmax(f, dim=-1).clamp_min(_LOG_PROB_CLAMP)
+    p = log_p.exp()
+    kl = (p * (log_p - log_q)).sum(dim=-1)
+    if kl.numel() == 0:
+        return kl.sum()
+    return kl.mean()

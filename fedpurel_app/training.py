@@ -1,0 +1,199 @@
+"""The local loops: a Stage-1 step (task and align gradients, purification, step)
+and a Stage-2 step (private residual), written once for every PEFT variant.
+
+They work on cached features: a :class:`FeatureSet` holds a client's
+L2-normalised image features, labels and frozen zero-shot logits z.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .peft import PeftVariant
+from .purification import PurificationStats, purify_gradients_with_stats
+from .residual import fuse_logits, residual_loss
+from .tkl import temperature_aligned_kl
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Cached inputs of one split: image features [N, D], labels [N], zero-shot logits [N, C]."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    zero_shot_logits: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batches(self, batch_size: int, generator: torch.Generator | None):
+        """Shuffled (when a generator is given) mini-batches as index tensors."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        order = order.to(self.labels.device)
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]
+
+
+@dataclass(frozen=True)
+class Stage1Options:
+    align: str = "tkl"  # "tkl" | "kl" | "none"
+    granularity: str = "tensor"  # "tensor" | "flat"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    tau_min: float = 0.05
+    tau_max: float = 20.0
+    tau_tol: float = 1e-4
+    tau_max_iter: int = 50
+
+
+@dataclass
+class Stage1Stats:
+    """Per-client, per-round summary of the Stage-1 steps."""
+
+    steps: int = 0
+    task_loss: float = 0.0
+    align_loss: float = 0.0
+    conflicts: float = 0.0  # sum over steps of the fraction of conflicting units
+    cosine: float = 0.0  # sum over steps of cos(g_task, g_align)
+
+    def add(self, task_loss: float, align_loss: float, purification: PurificationStats | None) -> None:
+        self.steps += 1
+        self.task_loss += task_loss
+        self.align_loss += align_loss
+        if purification is not None:
+            self.conflicts += purification.conflict
+            self.cosine += purification.cosine
+
+    def means(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        return {
+            "steps": float(self.steps),
+            "task-loss": self.task_loss / n,
+            "align-loss": self.align_loss / n,
+            "conflict-rate": self.conflicts / n,
+            "mean-cosine": self.cosine / n,
+        }
+
+
+def stage1_step(
+    peft: PeftVariant,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    zero_shot_logits: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    options: Stage1Options,
+) -> tuple[float, float, PurificationStats | None]:
+    """One Stage-1 update of phi_g (METHOD.md "Stage 1", steps 1-5).
+
+    f = l_G(x); L_task = CE(f, y); L_align = TKL(z || f) (or plain KL).
+    The task gradient loses its component that conflicts with the align
+    gradient; g_align itself is never applied. With ``align="none"`` this is a
+    plain CE step (the PromptFL / FedAvg-PEFT baseline).
+    """
+    params = peft.global_parameters()
+    logits = peft.global_logits(features)
+    task_loss = F.cross_entropy(logits, labels)
+    if options.align == "none":
+        grads = torch.autograd.grad(task_loss, params)
+        align_value, stats = 0.0, None
+    else:
+        align_loss = temperature_aligned_kl(
+            logits,
+            zero_shot_logits,
+            aligned=options.align == "tkl",
+            tau_min=options.tau_min,
+            tau_max=options.tau_max,
+            tol=options.tau_tol,
+            max_iter=options.tau_max_iter,
+        )
+        task_grads = torch.autograd.grad(task_loss, params, retain_graph=True)
+        align_grads = torch.autograd.grad(align_loss, params, allow_unused=True)
+        grads, stats = purify_gradients_with_stats(task_grads, align_grads, options.granularity)
+        align_value = float(align_loss.detach())
+    for param, grad in zip(params, grads, strict=True):
+        param.grad = grad
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(task_loss.detach()), align_value, stats
+
+
+def train_global(
+    peft: PeftVariant,
+    data: FeatureSet,
+    options: Stage1Options,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> Stage1Stats:
+    """Stage 1 on one client: ``epochs`` passes over its data.
+
+    A fresh optimizer per client per round (METHOD.md step 6: the reference
+    leaks momentum across clients, we do not).
+    """
+    optimizer = torch.optim.SGD(
+        peft.global_parameters(),
+        lr=options.lr,
+        momentum=options.momentum,
+        weight_decay=options.weight_decay,
+    )
+    stats = Stage1Stats()
+    for _ in range(epochs):
+        for idx in data.batches(batch_size, generator):
+            stats.add(
+                *stage1_step(
+                    peft, data.features[idx], data.labels[idx], data.zero_shot_logits[idx], optimizer, options
+                )
+            )
+    return stats
+
+
+def train_private(
+    peft: PeftVariant,
+    data: FeatureSet,
+    lam: float,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> float:
+    """Stage 2 on one client: train phi_k with phi_g frozen; returns the mean loss.
+
+    Loss (METHOD.md "Stage 2"): (1 - lam) CE(l_G + l_P, y) + lam CE(l_P, y),
+    plain SGD (no momentum, no weight decay, as the reference). l_G does not
+    change during Stage 2, so it is computed once for the client's data.
+    """
+    with torch.no_grad():
+        global_logits = peft.global_logits(data.features)
+    optimizer = torch.optim.SGD(peft.private_parameters(), lr=lr)
+    total, steps = 0.0, 0
+    for _ in range(epochs):
+        for idx in data.batches(batch_size, generator):
+            loss = residual_loss(global_logits[idx], peft.private_logits(data.features[idx]), data.labels[idx], lam)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, steps = total + float(loss.detach()), steps + 1
+    optimizer.zero_grad(set_to_none=True)
+    return total / max(steps, 1)
+
+
+@torch.no_grad()
+def predict(peft: PeftVariant, features: torch.Tensor, personalized: bool = False) -> torch.Tensor:
+    """Predicted classes with l_G, or with l_G + l_P when ``personalized``."""
+    logits = peft.global_logits(features)
+    if personalized:
+        logits = fuse_logits(logits, peft.private_logits(features))
+    return logits.argmax(dim=-1)
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from integer keys (seed, round, partition, ...)."""
+    import numpy as np
+
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)

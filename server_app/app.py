@@ -1,0 +1,139 @@
+"""FedPuReL ServerApp: zero-shot evaluation, Stage-1 rounds, personalization phase.
+
+The round loop is spelled out here (rather than ``FedAvg.start``) because a
+FedPuReL run has two phases and, in the ``interleaved`` schedule, a Stage-2
+exchange inside every Stage-1 round.
+"""
+
+from __future__ import annotations
+
+from logging import ERROR, INFO
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedpurel_app import task
+from fedpurel_app.config import RunConfig, parse_run_config
+from fedpurel_app.metrics import pm_summary
+from fedpurel_app.results import RunRecorder, new_run_dir
+
+from .strategy import FedPuReLStrategy
+
+APP_DIR = Path(__file__).resolve().parent.parent
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Validate the config once, set up, then run; a user mistake ends the run with one message."""
+    try:
+        cfg = parse_run_config(context.run_config)
+        setup = _Setup(cfg)
+    except ValueError as err:  # ConfigError, ModelLoadError, an impossible Fed-LT split...
+        log(ERROR, "FedPuReL run stopped before training: %s", err)
+        return
+    _run(grid, cfg, setup)
+
+
+class _Setup:
+    """Everything the server needs before round 1: the model, the test set, the output folder."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.peft = task.build_model(cfg)
+        self.test = task.global_test_set(cfg)
+        self.counts = task.class_counts(cfg)
+        label = f"{cfg.peft}-{cfg.align}-{cfg.personalization}-seed{cfg.seed}"
+        self.recorder = RunRecorder(new_run_dir(cfg.resolved_output_dir(APP_DIR), label), cfg.to_flower())
+
+
+def _pm(cfg: RunConfig, counts: np.ndarray, records: list[MetricRecord]) -> dict | None:
+    """PM metrics pooled over the clients' replies: personalized, global-only and zero-shot."""
+    if not records:
+        return None
+    labels = [np.asarray(r["labels"], dtype=np.int64) for r in records]
+
+    def summary(key: str) -> dict:
+        preds = [np.asarray(r[key], dtype=np.int64) for r in records]
+        return pm_summary(preds, labels, counts, cfg.many_threshold, cfg.few_threshold)
+
+    result = summary("pm-preds")
+    result["global"] = {k: v for k, v in summary("gm-preds").items() if k in ("all", "all_weighted", "few")}
+    result["zero_shot"] = summary("zs-preds")
+    result["personalized"] = all(int(r["personalized"]) for r in records)
+    return result
+
+
+def _fmt(value: float | None) -> str:
+    return "  -  " if value is None else f"{100 * value:5.1f}"
+
+
+def _run(grid: Grid, cfg: RunConfig, setup: _Setup) -> None:
+    strategy = FedPuReLStrategy(
+        {k: tuple(v.shape) for k, v in setup.peft.global_state().items()},
+        fraction_train=cfg.fraction_train,
+        all_clients_first_round=cfg.all_clients_first_round,
+        min_available_nodes=cfg.min_nodes,
+        seed=cfg.seed,
+    )
+    recorder, counts = setup.recorder, setup.counts
+    arrays = ArrayRecord(setup.peft.global_state())
+
+    def exchange(messages):
+        return list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+
+    def evaluate_pm(server_round: int) -> dict | None:
+        replies = exchange(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        return _pm(cfg, counts, strategy.evaluate_replies(replies))
+
+    def evaluate_gm() -> dict:
+        setup.peft.load_global_state(arrays.to_torch_state_dict())
+        return task.evaluate_global(cfg, setup.peft, setup.test, counts)
+
+    zero_shot_pm = evaluate_pm(0)
+    recorder.zero_shot(task.evaluate_zero_shot(cfg, setup.test, counts), zero_shot_pm and zero_shot_pm["zero_shot"])
+    zs = recorder.data["zero_shot"]["gm"]
+    log(INFO, "[fedpurel] zero-shot   GM all %s few %s", _fmt(zs["all"]), _fmt(zs["few"]))
+
+    total = cfg.num_rounds + (cfg.personal_rounds if cfg.personalization == "post" else 0)
+    for rnd in range(1, cfg.num_rounds + 1):
+        replies = exchange(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
+        aggregated, train_metrics = strategy.aggregate_train(rnd, replies)
+        if aggregated is None:
+            raise RuntimeError(f"round {rnd}: no client returned a valid phi_g update")
+        arrays = aggregated
+        if cfg.personalization == "interleaved":
+            exchange(strategy.configure_personalize(rnd, arrays, grid, strategy.last_sampled))
+        due = rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds
+        gm = evaluate_gm() if due else None
+        pm = evaluate_pm(rnd) if due and cfg.personalization == "interleaved" else None
+        train = dict(train_metrics) if train_metrics is not None else None
+        if train is not None:
+            train["clients"] = len(strategy.last_sampled)
+        recorder.add_round(rnd, "global", gm=gm, pm=pm, train=train)
+        log(
+            INFO,
+            "[fedpurel] round %d/%d global    GM all %s few %s | conflict %s | %.1fs",
+            rnd, total, _fmt(gm and gm["all"]), _fmt(gm and gm["few"]),
+            _fmt(train and train.get("conflict-rate")), recorder.elapsed(),
+        )
+
+    if cfg.personalization == "post":
+        for step in range(1, cfg.personal_rounds + 1):
+            rnd = cfg.num_rounds + step
+            exchange(strategy.configure_personalize(rnd, arrays, grid))
+            due = step % cfg.eval_every == 0 or step == cfg.personal_rounds
+            pm = evaluate_pm(rnd) if due else None
+            recorder.add_round(rnd, "personal", pm=pm)
+            log(INFO, "[fedpurel] round %d/%d personal  PM all %s | %.1fs",
+                rnd, total, _fmt(pm and pm["all"]), recorder.elapsed())
+    if not any("pm" in r for r in recorder.data["rounds"]):
+        recorder.add_round(cfg.num_rounds, "final", pm=evaluate_pm(cfg.num_rounds))
+
+    recorder.finish(arrays.to_torch_state_dict())
+    for line in recorder.table().splitlines():
+        log(INFO, "[fedpurel] %s", line)
+    log(INFO, "[fedpurel] results: %s", recorder.run_dir / "results.json")

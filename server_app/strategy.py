@@ -1,0 +1,117 @@
+"""The FedAvg subclass that sends and aggregates only the global PEFT parameters phi_g.
+
+- Sampling is seeded (reproducible for a seed and a set of nodes): all nodes
+  in round 1 when ``all-clients-first-round`` is set, then ``fraction-train``
+  of them (METHOD.md "Stage 1", step 7).
+- Aggregation is FedAvg weighted by each client's train-set size n_k, over
+  phi_g only: a reply whose arrays are not exactly phi_g's keys and shapes is
+  dropped and logged (a client never sends phi_k).
+- Stage 2 messages (``train.personalize``) and PM evaluation carry phi_g out
+  and bring metrics back, never parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+PERSONALIZE = f"{MessageType.TRAIN}.personalize"
+
+
+class FedPuReLStrategy(FedAvg):
+    """FedAvg over phi_g with seeded sampling and a personalization phase."""
+
+    def __init__(
+        self,
+        phi_g_shapes: dict[str, tuple[int, ...]],
+        fraction_train: float = 0.4,
+        all_clients_first_round: bool = True,
+        min_available_nodes: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=1.0,
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=min_available_nodes,
+        )
+        self.phi_g_shapes = dict(phi_g_shapes)
+        self.all_clients_first_round = all_clients_first_round
+        self.seed = seed
+        self.last_sampled: list[int] = []
+
+    def _nodes(self, grid: Grid) -> list[int]:
+        """All connected nodes, sorted, once at least ``min_available_nodes`` are up."""
+        import time
+
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
+            log(INFO, "Waiting for nodes: %d of %d connected", len(nodes), self.min_available_nodes)
+            time.sleep(1)
+        return nodes
+
+    def sample(self, server_round: int, grid: Grid) -> list[int]:
+        nodes = self._nodes(grid)
+        if server_round == 1 and self.all_clients_first_round:
+            return nodes
+        size = max(self.min_train_nodes, int(round(len(nodes) * self.fraction_train)))
+        rng = np.random.default_rng([self.seed, server_round])
+        picked = rng.choice(len(nodes), size=min(size, len(nodes)), replace=False)
+        return [nodes[i] for i in sorted(picked)]
+
+    def _messages(self, nodes: list[int], arrays: ArrayRecord, server_round: int, message_type: str) -> list[Message]:
+        record = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+        return list(self._construct_messages(record, nodes, message_type))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Stage 1: send phi_g to the sampled clients."""
+        self.last_sampled = self.sample(server_round, grid)
+        return self._messages(self.last_sampled, arrays, server_round, MessageType.TRAIN)
+
+    def configure_personalize(
+        self, server_round: int, arrays: ArrayRecord, grid: Grid, nodes: list[int] | None = None
+    ) -> list[Message]:
+        """Stage 2: send the frozen phi_g to ``nodes`` (all nodes when None)."""
+        return self._messages(self._nodes(grid) if nodes is None else nodes, arrays, server_round, PERSONALIZE)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """PM evaluation on every client's own test set."""
+        return self._messages(self._nodes(grid), arrays, server_round, MessageType.EVALUATE)
+
+    def _is_phi_g(self, msg: Message) -> bool:
+        records = list(msg.content.array_records.values())
+        if len(records) != 1:
+            return False
+        shapes = {key: tuple(array.shape) for key, array in records[0].items()}
+        return shapes == self.phi_g_shapes
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Weighted FedAvg of phi_g; replies carrying anything but phi_g are dropped."""
+        kept = []
+        for msg in replies:
+            if not msg.has_error() and not self._is_phi_g(msg):
+                log(
+                    WARNING,
+                    "Round %d: dropped the reply of node %d: its arrays are not exactly phi_g %s",
+                    server_round, msg.metadata.src_node_id, sorted(self.phi_g_shapes),
+                )
+                continue
+            kept.append(msg)
+        return super().aggregate_train(server_round, kept)
+
+    def evaluate_replies(self, replies: Iterable[Message]) -> list[MetricRecord]:
+        """The metric records of the successful evaluation replies."""
+        valid, _ = self._check_and_log_replies(list(replies), is_train=False, validate=False)
+        return [next(iter(msg.content.metric_records.values())) for msg in valid]

@@ -1,0 +1,195 @@
+"""Tests for fedpurel_app.purification (METHOD.md Stage 1, step 5)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedpurel_app.purification import (
+    PurificationStats,
+    purify_gradients,
+    purify_gradients_with_stats,
+)
+
+T = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+
+
+def test_2d_conflict_hand_example():
+    # g_task = [1, 0], g_align = [-1, 1]
+    # <g_task, g_align> = -1 < 0, ||g_align||^2 = 2
+    # g = [1, 0] - (-1 / 2) * [-1, 1] = [1, 0] + [-0.5, 0.5] = [0.5, 0.5]
+    # <g, g_align> = -0.5 + 0.5 = 0
+    (g,) = purify_gradients([T(1.0, 0.0)], [T(-1.0, 1.0)])
+    assert torch.allclose(g, T(0.5, 0.5), atol=1e-12)
+    assert torch.dot(g, T(-1.0, 1.0)).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_no_conflict_returns_task_exactly():
+    gt, ga = T(1.0, 2.0), T(1.0, 0.0)  # dot = 1 >= 0
+    (g,) = purify_gradients([gt], [ga])
+    assert torch.equal(g, gt)
+    # orthogonal (dot = 0) is not a conflict either
+    (g,) = purify_gradients([T(0.0, 3.0)], [T(5.0, 0.0)])
+    assert torch.equal(g, T(0.0, 3.0))
+
+
+def test_flat_vs_tensor_differ_crafted():
+    # tensor 1: g_task = [1, 0], g_align = [-2, 0]  (dot -2, ||a||^2 4)
+    # tensor 2: g_task = [0, 1], g_align = [0, 1]   (dot +1, ||a||^2 1)
+    # "tensor": t1 -> [1,0] - (-2/4)[-2,0] = [0, 0]; t2 unchanged [0, 1]
+    # "flat": dot = -1, ||a||^2 = 5, coef = -1/5 -> g = g_task + 0.2 g_align
+    #         t1 -> [0.6, 0], t2 -> [0, 1.2]; flat <g, a> = -1.2 + 1.2 = 0
+    task = [T(1.0, 0.0), T(0.0, 1.0)]
+    align = [T(-2.0, 0.0), T(0.0, 1.0)]
+    g_tensor, s_tensor = purify_gradients_with_stats(task, align, granularity="tensor")
+    g_flat, s_flat = purify_gradients_with_stats(task, align, granularity="flat")
+    assert torch.allclose(g_tensor[0], T(0.0, 0.0), atol=1e-12)
+    assert torch.equal(g_tensor[1], T(0.0, 1.0))
+    assert torch.allclose(g_flat[0], T(0.6, 0.0), atol=1e-12)
+    assert torch.allclose(g_flat[1], T(0.0, 1.2), atol=1e-12)
+    assert s_tensor.conflict == pytest.approx(0.5)
+    assert s_flat.conflict == pytest.approx(1.0)
+    # cosine over full flattened gradients: -1 / (sqrt(2) * sqrt(5))
+    expected_cos = -1.0 / (math.sqrt(2.0) * math.sqrt(5.0))
+    assert s_tensor.cosine == pytest.approx(expected_cos, abs=1e-12)
+    assert s_flat.cosine == pytest.approx(expected_cos, abs=1e-12)
+
+
+def test_flat_no_conflict_when_tensor_conflicts():
+    # t1 conflicts (dot -1) but overall dot = -1 + 4 = 3 >= 0
+    task = [T(1.0), T(2.0)]
+    align = [T(-1.0), T(2.0)]
+    g_flat = purify_gradients(task, align, granularity="flat")
+    g_tensor = purify_gradients(task, align, granularity="tensor")
+    assert torch.equal(g_flat[0], T(1.0)) and torch.equal(g_flat[1], T(2.0))
+    assert torch.allclose(g_tensor[0], T(0.0)) and torch.equal(g_tensor[1], T(2.0))
+
+
+grad_lists = st.integers(0, 100_000).flatmap(
+    lambda seed: st.lists(st.integers(1, 12), min_size=1, max_size=6).map(lambda sizes: (seed, sizes))
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=grad_lists, granularity=st.sampled_from(["tensor", "flat"]), scale=st.floats(1e-3, 1e3))
+def test_property_no_residual_conflict(data, granularity, scale):
+    seed, sizes = data
+    g = torch.Generator().manual_seed(seed)
+    task = [torch.randn(n, generator=g, dtype=torch.float64) * scale for n in sizes]
+    align = [torch.randn(n, generator=g, dtype=torch.float64) for n in sizes]
+    task_copy = [t.clone() for t in task]
+    out, stats = purify_gradients_with_stats(task, align, granularity=granularity)
+    assert [t.shape for t in out] == [t.shape for t in task]
+    # inputs untouched
+    assert all(torch.equal(a, b) for a, b in zip(task, task_copy))
+    if granularity == "tensor":
+        units = [([gt], [ga], [o]) for gt, ga, o in zip(task, align, out)]
+    else:
+        units = [(task, align, out)]
+    n_conflict = 0
+    for gts, gas, outs in units:
+        dot_before = sum(torch.dot(a, b) for a, b in zip(gts, gas))
+        dot_after = sum(torch.dot(a, b) for a, b in zip(outs, gas))
+        if dot_before < 0:
+            n_conflict += 1
+            assert dot_after >= -1e-6
+        else:
+            assert all(torch.equal(o, t) for o, t in zip(outs, gts))
+    assert stats.conflict == pytest.approx(n_conflict / len(units))
+    ft, fa = torch.cat(task), torch.cat(align)
+    assert stats.cosine == pytest.approx(
+        (torch.dot(ft, fa) / (ft.norm() * fa.norm())).item(), abs=1e-9
+    )
+    assert -1.0 <= stats.cosine <= 1.0
+    # purify_gradients gives the same result as the stats variant
+    out2 = purify_gradients(task, align, granularity=granularity)
+    assert all(torch.equal(a, b) for a, b in zip(out, out2))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 100_000), granularity=st.sampled_from(["tensor", "flat"]))
+def test_property_float32_relative(seed, granularity):
+    g = torch.Generator().manual_seed(seed)
+    task = [torch.randn(4, 5, generator=g), torch.randn(7, generator=g)]
+    align = [torch.randn(4, 5, generator=g), torch.randn(7, generator=g)]
+    out = purify_gradients(task, align, granularity=granularity)
+    for o, t in zip(out, task):
+        assert o.dtype == torch.float32 and o.shape == t.shape
+    if granularity == "flat":
+        fo, fa = torch.cat([o.flatten() for o in out]), torch.cat([a.flatten() for a in align])
+        ft = torch.cat([t.flatten() for t in task])
+        assert torch.dot(fo, fa) >= -1e-5 * ft.norm() * fa.norm()
+
+
+def test_zero_align_gradient_is_finite_and_identity():
+    gt = [torch.randn(3, 3), torch.randn(2)]
+    ga = [torch.zeros(3, 3), torch.zeros(2)]
+    for gran in ("tensor", "flat"):
+        out, stats = purify_gradients_with_stats(gt, ga, granularity=gran)
+        assert all(torch.equal(o, t) for o, t in zip(out, gt))
+        assert stats == PurificationStats(conflict=0.0, cosine=0.0)
+
+
+def test_zero_task_gradient():
+    out, stats = purify_gradients_with_stats([torch.zeros(4)], [torch.randn(4)])
+    assert torch.equal(out[0], torch.zeros(4))
+    assert stats.cosine == 0.0 and stats.conflict == 0.0
+
+
+def test_tiny_align_gradient_finite():
+    gt = [torch.tensor([1.0, 0.0])]
+    ga = [torch.tensor([-1e-30, 1e-30])]
+    out = purify_gradients(gt, ga)
+    assert torch.isfinite(out[0]).all()
+
+
+def test_none_handling():
+    ga = torch.tensor([1.0, -2.0])
+    gt = torch.tensor([3.0, 1.0])
+    out = purify_gradients([None, gt], [ga, None])
+    assert torch.equal(out[0], torch.zeros_like(ga))
+    assert torch.equal(out[1], gt)
+    with pytest.raises(ValueError, match="None"):
+        purify_gradients([None], [None])
+
+
+def test_validation_errors():
+    with pytest.raises(ValueError, match="shape"):
+        purify_gradients([torch.zeros(2)], [torch.zeros(3)])
+    with pytest.raises(ValueError, match="length"):
+        purify_gradients([torch.zeros(2)], [torch.zeros(2), torch.zeros(2)])
+    with pytest.raises(ValueError) as exc:
+        purify_gradients([torch.zeros(2)], [torch.zeros(2)], granularity="layer")
+    assert "tensor" in str(exc.value) and "flat" in str(exc.value)
+
+
+def test_empty_input():
+    out, stats = purify_gradients_with_stats([], [])
+    assert out == [] and stats == PurificationStats(0.0, 0.0)
+
+
+def test_stats_is_frozen_dataclass():
+    _, stats = purify_gradients_with_stats([T(1.0)], [T(-1.0)])
+    assert isinstance(stats.conflict, float) and isinstance(stats.cosine, float)
+    assert stats.cosine == pytest.approx(-1.0)
+    with pytest.raises(Exception):
+        stats.conflict = 0.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("granularity", ["tensor", "flat"])
+def test_half_precision_and_extreme(dtype, granularity):
+    gt = [torch.tensor([1e4, -1e4, 3.0], dtype=dtype), torch.tensor([[1.0, 2.0]], dtype=dtype)]
+    ga = [torch.tensor([-1e4, 1e4, 0.0], dtype=dtype), torch.tensor([[0.0, 0.0]], dtype=dtype)]
+    out, stats = purify_gradients_with_stats(gt, ga, granularity=granularity)
+    for o in out:
+        assert o.dtype == dtype
+        assert torch.isfinite(o.float()).all()
+    assert math.isfinite(stats.cosine) and math.isfinite(stats.conflict)
+    # first tensor: g_task is (almost) anti-parallel to g_align -> purified to ~[0, 0, 3]
+    if granularity == "tensor":
+        assert torch.allclose(out[0].float(), torch.tensor([0.0, 0.0, 3.0]), atol=1e-2)

@@ -1,0 +1,314 @@
+"""Tests for fedpurel_app.tkl (METHOD.md Stage 1, step 3: TKL)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedpurel_app.tkl import (
+    aligned_temperatures,
+    entropy,
+    solve_temperature,
+    temperature_aligned_kl,
+)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+LN3 = math.log(3.0)
+
+
+def _logits(seed: int, b: int, c: int, scale: float, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, c, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+# --------------------------------------------------------------------------- entropy
+
+
+def test_entropy_hand_value():
+    # softmax([0, ln 3]) = [1/4, 3/4]
+    # H = -(1/4 ln 1/4 + 3/4 ln 3/4) = ln 4 - (3/4) ln 3 = 0.5623351446...
+    h = entropy(torch.tensor([[0.0, LN3]], dtype=torch.float64))
+    assert h.shape == (1,)
+    assert h.item() == pytest.approx(math.log(4.0) - 0.75 * LN3, abs=1e-12)
+    assert h.item() == pytest.approx(0.5623351446, abs=1e-9)
+
+
+def test_entropy_uniform_onehot_and_masked():
+    logits = torch.tensor(
+        [[0.0, 0.0, 0.0, 0.0], [1e4, -1e4, 0.0, 0.0], [0.0, 0.0, -math.inf, -math.inf]]
+    )
+    h = entropy(logits)
+    assert torch.isfinite(h).all()
+    assert h[0].item() == pytest.approx(math.log(4.0), abs=1e-6)
+    assert h[1].item() == pytest.approx(0.0, abs=1e-6)
+    assert h[2].item() == pytest.approx(math.log(2.0), abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_entropy_half_precision_is_finite_float32(dtype):
+    logits = _logits(0, 8, 10, 5.0).to(dtype)
+    h = entropy(logits)
+    assert h.dtype == torch.float32
+    assert torch.isfinite(h).all()
+    ref = entropy(logits.double())
+    assert torch.allclose(h.double(), ref, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- solve_temperature
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    b=st.sampled_from([1, 3, 17, 64]),
+    c=st.integers(2, 30),
+    scale=st.floats(0.1, 10.0),
+    tau_true=st.floats(0.1, 10.0),
+)
+def test_solved_temperature_reproduces_target_entropy(seed, b, c, scale, tau_true):
+    logits = _logits(seed, b, c, scale)
+    target = entropy(logits / tau_true)
+    tau = solve_temperature(logits, target, tol=1e-9, max_iter=60)
+    assert tau.shape == (b,)
+    assert ((tau >= 0.05) & (tau <= 20.0)).all()
+    h = entropy(logits / tau.unsqueeze(-1))
+    assert torch.allclose(h, target, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), b=st.sampled_from([1, 5, 32]), c=st.integers(2, 50))
+def test_solve_default_tolerance_float32(seed, b, c):
+    logits = _logits(seed, b, c, 3.0, dtype=torch.float32)
+    tau_true = torch.rand(b, generator=torch.Generator().manual_seed(seed)) * 5 + 0.2
+    target = entropy(logits / tau_true.unsqueeze(-1))
+    tau = solve_temperature(logits, target)  # tol 1e-4, float32
+    assert tau.dtype == torch.float32
+    # tau itself can be ill-conditioned (entropy nearly flat in tau), so compare
+    # entropies: |dH/dtau| * tol/2 plus float32 noise stays well below 1e-3 here.
+    h = entropy(logits / tau.unsqueeze(-1))
+    assert torch.allclose(h, target, atol=1e-3, rtol=0)
+
+
+def test_solve_float_target_and_clamping():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
+    # entropy at tau=1 as a plain float target
+    h1 = entropy(logits[:1]).item()
+    tau = solve_temperature(logits, h1)
+    assert torch.allclose(tau, torch.ones(3), atol=1e-3)
+    # unreachable targets clamp to the bracket ends
+    tau = solve_temperature(logits, torch.tensor([-1.0, 0.0, math.log(3.0) + 1.0]), tau_min=0.05, tau_max=20.0)
+    assert tau[0].item() == pytest.approx(0.05)
+    assert tau[2].item() == pytest.approx(20.0)
+    # target 0 is below H(tau_min) > 0 for these logits (0.05 -> scale 40) ... close to tau_min
+    assert tau[1].item() == pytest.approx(0.05, abs=1e-3)
+
+
+def test_solve_constant_rows_return_one_and_others_unaffected():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0], [0.0, 1.0, 2.0, 3.0]])
+    target = torch.tensor([0.3, 2.0, entropy(logits[2:] / 2.5).item()])
+    tau = solve_temperature(logits, target)
+    assert torch.isfinite(tau).all()
+    assert tau[0].item() == 1.0 and tau[1].item() == 1.0
+    assert tau[2].item() == pytest.approx(2.5, abs=1e-3)
+
+
+def test_solve_is_detached_and_no_grad():
+    logits = torch.randn(4, 6, requires_grad=True)
+    target = entropy(logits)  # carries grad
+    tau = solve_temperature(logits, target)
+    assert not tau.requires_grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_solve_extreme_logits_finite(device):
+    logits = torch.tensor([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4], [1e4, 1e4, -1e4]], device=device)
+    tau = solve_temperature(logits, torch.tensor([0.5, 0.5, 0.5], device=device))
+    assert tau.device.type == device
+    assert torch.isfinite(tau).all()
+    assert ((tau >= 0.05) & (tau <= 20.0)).all()
+
+
+def test_solve_nan_target_is_finite():
+    tau = solve_temperature(torch.tensor([[0.0, 1.0]]), torch.tensor([float("nan")]))
+    assert torch.isfinite(tau).all()
+
+
+# --------------------------------------------------------------------------- aligned temperatures
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    b=st.sampled_from([1, 4, 33]),
+    c=st.integers(2, 40),
+    sf=st.floats(0.3, 6.0),
+    sz=st.floats(0.3, 6.0),
+)
+def test_aligned_entropies_match(seed, b, c, sf, sz):
+    f = _logits(seed, b, c, sf)
+    z = _logits(seed + 1, b, c, sz)
+    tau_f, tau_z = aligned_temperatures(f, z, tol=1e-9, max_iter=60)
+    h_star = 0.5 * (entropy(f) + entropy(z))
+    hf = entropy(f / tau_f.unsqueeze(-1))
+    hz = entropy(z / tau_z.unsqueeze(-1))
+
+    # H* is reachable for a row iff H(x/0.05) <= H* <= H(x/20); an (almost)
+    # constant row can stay above H* even at tau_min: then tau clamps to 0.05.
+    def reachable(x):
+        return (entropy(x / 0.05) <= h_star) & (h_star <= entropy(x / 20.0))
+
+    ok = reachable(f) & reachable(z)
+    assert torch.allclose(hf[ok], h_star[ok], atol=1e-6)
+    assert torch.allclose(hz[ok], h_star[ok], atol=1e-6)
+    assert torch.allclose(hf[ok], hz[ok], atol=2e-6)
+    for x, tau in ((f, tau_f), (z, tau_z)):
+        low = entropy(x / 0.05) > h_star
+        high = entropy(x / 20.0) < h_star
+        assert torch.all(tau[low & ~high] == 0.05)
+        assert torch.all(tau[high & ~low] == 20.0)
+    # with these scales the overwhelming majority of rows are reachable
+    if b >= 33:
+        assert ok.float().mean() >= 0.5
+
+
+def test_aligned_temperatures_detached():
+    f = torch.randn(3, 5, requires_grad=True)
+    z = torch.randn(3, 5, requires_grad=True)
+    tau_f, tau_z = aligned_temperatures(f, z)
+    assert not tau_f.requires_grad and not tau_z.requires_grad
+    assert tau_f.shape == (3,) and tau_z.shape == (3,)
+
+
+# --------------------------------------------------------------------------- TKL loss
+
+
+def test_plain_kl_hand_value():
+    # teacher z = [0, ln 3] -> p = [1/4, 3/4]; student f = [0, 0] -> q = [1/2, 1/2]
+    # KL(p||q) = 1/4 ln(1/4 / 1/2) + 3/4 ln(3/4 / 1/2) = 1/4 ln(1/2) + 3/4 ln(3/2) = 0.1308120...
+    z = torch.tensor([[0.0, LN3]], dtype=torch.float64)
+    f = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    loss = temperature_aligned_kl(f, z, aligned=False)
+    expected = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    assert loss.item() == pytest.approx(0.1308120, abs=1e-6)
+
+
+def test_tkl_hand_value_equal_entropies():
+    # z = [0, ln 3] -> p = [1/4, 3/4]; f = [ln 3, 0] -> q = [3/4, 1/4].
+    # Equal entropies, so H* = H(p) = H(q) and tau_f = tau_z = 1:
+    # KL = 1/4 ln((1/4)/(3/4)) + 3/4 ln((3/4)/(1/4)) = (1/2) ln 3 = 0.5493061...
+    z = torch.tensor([[0.0, LN3]], dtype=torch.float64)
+    f = torch.tensor([[LN3, 0.0]], dtype=torch.float64)
+    tau_f, tau_z = aligned_temperatures(f, z)
+    assert tau_f.item() == pytest.approx(1.0, abs=1e-4)
+    assert tau_z.item() == pytest.approx(1.0, abs=1e-4)
+    loss = temperature_aligned_kl(f, z, tol=1e-10, max_iter=60)
+    assert loss.item() == pytest.approx(0.5 * LN3, abs=1e-6)
+
+
+def test_tkl_batch_mean_of_rows():
+    z = torch.tensor([[0.0, LN3], [0.0, LN3]], dtype=torch.float64)
+    f = torch.tensor([[0.0, 0.0], [0.0, LN3]], dtype=torch.float64)
+    # row 0: 0.1308..., row 1: identical distributions -> 0; mean = 0.0654...
+    loss = temperature_aligned_kl(f, z, aligned=False)
+    assert loss.item() == pytest.approx(0.5 * (0.25 * math.log(0.5) + 0.75 * math.log(1.5)), abs=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), c=st.integers(2, 20), k=st.floats(0.2, 5.0))
+def test_tkl_zero_for_scaled_teacher(seed, c, k):
+    # f = k * z: temperature alignment removes the confidence difference -> TKL ~ 0,
+    # while plain KL is > 0 unless k == 1.
+    z = _logits(seed, 6, c, 2.0)
+    f = k * z
+    loss = temperature_aligned_kl(f, z, tol=1e-10, max_iter=60)
+    assert abs(loss.item()) < 1e-6
+
+
+def test_tkl_differs_from_kl_when_confidence_differs():
+    z = _logits(1, 8, 10, 2.0)
+    f = 3.0 * z
+    assert temperature_aligned_kl(f, z, aligned=False).item() > 1e-2
+    assert temperature_aligned_kl(f, z, aligned=True).item() < 1e-4
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tkl_equals_plain_kl_when_not_aligned(seed):
+    f = _logits(seed, 5, 7, 2.0)
+    z = _logits(seed + 10, 5, 7, 2.0)
+    p = torch.softmax(z, -1)
+    q = torch.softmax(f, -1)
+    ref = (p * (p.log() - q.log())).sum(-1).mean()
+    assert temperature_aligned_kl(f, z, aligned=False).item() == pytest.approx(ref.item(), abs=1e-12)
+    ref_torch = torch.nn.functional.kl_div(torch.log_softmax(f, -1), torch.log_softmax(z, -1), log_target=True, reduction="batchmean")
+    assert temperature_aligned_kl(f, z, aligned=False).item() == pytest.approx(ref_torch.item(), abs=1e-12)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_gradient_flows_to_student_only(aligned):
+    f = _logits(3, 4, 6, 2.0).requires_grad_(True)
+    z = _logits(4, 4, 6, 2.0).requires_grad_(True)
+    loss = temperature_aligned_kl(f, z, aligned=aligned)
+    loss.backward()
+    assert z.grad is None
+    assert f.grad is not None and torch.isfinite(f.grad).all() and f.grad.abs().sum() > 0
+
+
+def test_gradient_treats_temperatures_as_constants():
+    # With detached tau: dL/df_bc = (q_bc - p_bc) / (tau_f,b * B)
+    f = _logits(5, 3, 4, 2.0).requires_grad_(True)
+    z = _logits(6, 3, 4, 2.0)
+    tau_f, tau_z = aligned_temperatures(f, z)
+    loss = temperature_aligned_kl(f, z)
+    (grad,) = torch.autograd.grad(loss, f)
+    p = torch.softmax(z / tau_z[:, None], -1)
+    q = torch.softmax(f.detach() / tau_f[:, None], -1)
+    expected = (q - p) / tau_f[:, None] / f.shape[0]
+    assert torch.allclose(grad, expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("aligned", [True, False])
+def test_extreme_and_constant_logits_finite(device, aligned):
+    f = torch.tensor(
+        [[1e4, -1e4, 0.0], [0.0, 0.0, 0.0], [-1e4, 1e4, 1e4], [1.0, 2.0, 3.0]], device=device, requires_grad=True
+    )
+    z = torch.tensor([[-1e4, 1e4, 0.0], [1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [3.0, 2.0, 1.0]], device=device)
+    loss = temperature_aligned_kl(f, z, aligned=aligned)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(f.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_half_precision_inputs(dtype, aligned):
+    f32 = _logits(7, 6, 10, 4.0, dtype=torch.float32)
+    z32 = _logits(8, 6, 10, 4.0, dtype=torch.float32)
+    f = f32.to(dtype).requires_grad_(True)
+    z = z32.to(dtype)
+    loss = temperature_aligned_kl(f, z, aligned=aligned)
+    assert loss.dtype == torch.float32
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert f.grad.dtype == dtype
+    assert torch.isfinite(f.grad.float()).all()
+    ref = temperature_aligned_kl(f.detach().float(), z.float(), aligned=aligned)
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
+    # extreme half logits
+    fx = torch.tensor([[1e4, -1e4, 0.0]], dtype=dtype, requires_grad=True)
+    zx = torch.tensor([[0.0, 1.0, 2.0]], dtype=dtype)
+    lx = temperature_aligned_kl(fx, zx, aligned=aligned)
+    lx.backward()
+    assert torch.isfinite(lx) and torch.isfinite(fx.grad.float()).all()
+
+
+def test_empty_batch_and_shape_mismatch():
+    loss = temperature_aligned_kl(torch.zeros(0, 5), torch.zeros(0, 5))
+    assert loss.item() == 0.0
+    with pytest.raises(ValueError):
+        temperature_aligned_kl(torch.zeros(2, 5), torch.zeros(2, 4))
