@@ -208,9 +208,10 @@ def _missing_weights_message(model_name: str, tag: str, why: str) -> str:
 
 def _load_tag(model_name: str, tag: str, device: torch.device) -> Clip:
     import open_clip
+    from open_clip.pretrained import is_pretrained_cfg
 
-    valid = open_clip.list_pretrained_tags_by_model(model_name)
-    if tag not in valid:
+    if not is_pretrained_cfg(model_name, tag):
+        valid = open_clip.list_pretrained_tags_by_model(model_name)
         listed = ", ".join(valid) if valid else "none"
         raise ModelLoadError(
             f"'{tag}' is neither an existing file nor an open_clip pretrained tag for "
@@ -218,7 +219,8 @@ def _load_tag(model_name: str, tag: str, device: torch.device) -> Clip:
             f"(for '{DEFAULT_MODEL}') or a path to a checkpoint file."
         )
     cfg = open_clip.get_pretrained_cfg(model_name, tag)
-    if _cached_tag_file(cfg) is None:
+    cached = _cached_tag_file(cfg) is not None
+    if not cached:
         if _offline():
             raise ModelLoadError(_missing_weights_message(model_name, tag, "HF_HUB_OFFLINE is set"))
         if not _reachable(cfg):
@@ -226,9 +228,19 @@ def _load_tag(model_name: str, tag: str, device: torch.device) -> Clip:
     try:
         return _build(model_name, tag, device, tag)
     except Exception as e:  # noqa: BLE001 - wrap whatever the download or load raised
+        if not cached:
+            raise ModelLoadError(_missing_weights_message(model_name, tag, _short(e))) from e
         raise ModelLoadError(
-            _missing_weights_message(model_name, tag, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            f"could not load the cached open_clip weights '{tag}' for '{model_name}' ({_short(e)}): "
+            f"delete them from the Hugging Face cache to download again, or pass "
+            f"pretrained='/path/to/checkpoint.safetensors', a local open_clip checkpoint file."
         ) from e
+
+
+def _short(e: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters of it)."""
+    text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -286,7 +298,4 @@ def _load_file(model_name: str, path: str, device: torch.device) -> Clip:
     try:
         return _build(model_name, path, device, path)
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(
-            f"could not load checkpoint {path} into '{model_name}': {type(e).__name__}: "
-            f"{str(e).splitlines()[0][:300] if str(e) else ''}"
-        ) from e
+        raise ModelLoadError(f"could not load checkpoint {path} into '{model_name}': {_short(e)}") from e

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Set up .venv if needed, then run FedPuReL in Flower simulation (Ray) on the embedded default.
+#
+#   bash scripts/run.sh                          # the default run (20 clients)
+#   bash scripts/run.sh "align='none' seed=1"    # any [tool.flwr.app.config] override
+#
+# Environment: NUM_SUPERNODES (20), CLIENT_GPUS (0.0; e.g. 0.25 on a GPU machine),
+# OUTPUT_DIR (./outputs), FLWR_HOME (./.flwr). Exits non-zero if the run did not complete.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+source .venv/bin/activate
+
+export FLWR_HOME=${FLWR_HOME:-$repo/.flwr}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+# The app's dependencies are already in .venv: never reinstall them per run.
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES=${RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES:-1000000000}
+output_dir=${OUTPUT_DIR:-$repo/outputs}
+mkdir -p "$FLWR_HOME" "$output_dir"
+if [ ! -f "$FLWR_HOME/config.toml" ]; then
+  printf '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n' > "$FLWR_HOME/config.toml"
+fi
+
+# `flwr run` starts a detached local SuperLink; stop the one it starts when we are done.
+before=$(pgrep -f "flower-superlink .*--database $FLWR_HOME/" || true)
+log=$(mktemp)
+cleanup() {
+  for pid in $(pgrep -f "flower-superlink .*--database $FLWR_HOME/" || true); do
+    case " $before " in *" $pid "*) continue ;; esac
+    pkill -TERM -P "$pid" 2>/dev/null || true
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  rm -f "$log"
+}
+trap cleanup EXIT
+
+flwr run . --stream \
+  --federation-config "num-supernodes=${NUM_SUPERNODES:-20} client-resources-num-cpus=1 client-resources-num-gpus=${CLIENT_GPUS:-0.0}" \
+  --run-config "output-dir='$output_dir' ${1:-}" 2>&1 | grep --line-buffered -v -E "^(INFO|DEBUG):flwr:|^\s*$" | tee "$log"
+
+# `flwr run --stream` exits 0 even when the ServerApp failed: check the run's final status.
+run_id=$(sed -n 's/.*Successfully started run \([0-9]*\).*/\1/p' "$log" | tail -n 1)
+if [ -z "$run_id" ]; then
+  echo "fedpurel: the run was not started (see the messages above)" >&2
+  exit 1
+fi
+status=$(flwr ls --run-id "$run_id" --format json | python -c 'import json,sys; print(json.load(sys.stdin)["runs"][0]["status"])')
+if [ "$status" != "finished:completed" ] || grep -q "run stopped before training" "$log"; then
+  echo "fedpurel: run $run_id ended with status $status" >&2
+  exit 1
+fi
