@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedpurel_app.data import ImageSplit, load_dataset
+from fedpurel_app.data import load_dataset
 from fedpurel_app.models import (
     CONFIG_DIR,
     ModelLoadError,

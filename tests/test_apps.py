@@ -1,0 +1,139 @@
+"""The Flower apps without a network: what a ClientApp replies, what the strategy aggregates."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from client_app import app as client
+from fedpurel_app import task
+from server_app.strategy import PERSONALIZE, FedPuReLStrategy
+from tests.conftest import SMALL_RUN
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages are built outside a Flower process here: give them the identity one would have."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def make_context(partition_id: int = 0, num_partitions: int = 4) -> Context:
+    return Context(
+        run_id=1,
+        node_id=100 + partition_id,
+        node_config={"partition-id": partition_id, "num-partitions": num_partitions},
+        state=RecordDict(),
+        run_config=dict(SMALL_RUN),
+    )
+
+
+def server_message(phi_g: dict, message_type: str, server_round: int = 1) -> Message:
+    content = RecordDict({"arrays": ArrayRecord(phi_g), "config": ConfigRecord({"server-round": server_round})})
+    return Message(content, dst_node_id=100, message_type=message_type)
+
+
+def all_tensors(message: Message) -> list[np.ndarray]:
+    return [array.numpy() for record in message.content.array_records.values() for array in record.values()]
+
+
+@pytest.fixture(scope="module")
+def phi_g(small_cfg):
+    return task.build_model(small_cfg).global_state()
+
+
+def test_no_reply_ever_carries_phi_k(phi_g):
+    """Run personalize -> train -> evaluate on one node and inspect every reply."""
+    context = make_context()
+    replies = [client.personalize(server_message(phi_g, PERSONALIZE), context)]
+    phi_k = context.state.array_records[client.PHI_K].to_torch_state_dict()["ctx"].numpy()
+    assert not np.array_equal(phi_k, phi_g["ctx"].numpy()), "Stage 2 did not change phi_k"
+    replies.append(client.train(server_message(phi_g, MessageType.TRAIN, 2), context))
+    replies.append(client.evaluate(server_message(phi_g, MessageType.EVALUATE, 2), context))
+
+    personalize_reply, train_reply, evaluate_reply = replies
+    assert all_tensors(personalize_reply) == [] and all_tensors(evaluate_reply) == []
+    (record,) = train_reply.content.array_records.values()
+    assert list(record.keys()) == ["ctx"]
+    for reply in replies:
+        for tensor in all_tensors(reply):
+            assert not np.allclose(tensor, phi_k), "a reply carries phi_k"
+        for metrics in reply.content.metric_records.values():
+            for value in metrics.values():
+                flat = np.asarray(value, dtype=float).ravel()
+                assert flat.size != phi_k.size or not np.allclose(flat, phi_k.ravel())
+    # The personalized prediction uses phi_k: evaluate says so.
+    metrics = next(iter(evaluate_reply.content.metric_records.values()))
+    assert metrics["personalized"] == 1
+    assert len(metrics["pm-preds"]) == len(metrics["labels"]) == metrics["num-examples"]
+
+
+def test_features_are_computed_once_per_node(phi_g, monkeypatch):
+    context = make_context(1)
+    client.train(server_message(phi_g, MessageType.TRAIN, 1), context)
+    calls = []
+    monkeypatch.setattr(task, "client_feature_sets", lambda *a: calls.append(a))
+    client.train(server_message(phi_g, MessageType.TRAIN, 2), context)
+    assert calls == [], "features were recomputed although cached in context.state"
+
+
+def test_missing_partition_in_node_config_is_a_clear_error(phi_g):
+    context = make_context()
+    context.node_config.clear()
+    with pytest.raises(ValueError, match="partition-id"):
+        client.train(server_message(phi_g, MessageType.TRAIN), context)
+
+
+class FakeGrid:
+    def __init__(self, node_ids):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return self.node_ids
+
+
+def reply(phi: dict, n: int, src: int, request: Message) -> Message:
+    content = RecordDict({"arrays": ArrayRecord(phi), "metrics": MetricRecord({"num-examples": n, "conflict-rate": 0.5})})
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.node_id = src  # the replying node (restored by the task_identity fixture)
+    return Message(content, reply_to=request)
+
+
+def test_aggregation_is_weighted_by_n_k_and_drops_anything_but_phi_g():
+    strategy = FedPuReLStrategy({"ctx": (2, 3)}, fraction_train=0.5, min_available_nodes=1)
+    request = server_message({"ctx": torch.zeros(2, 3)}, MessageType.TRAIN)
+    replies = [
+        reply({"ctx": torch.ones(2, 3)}, 10, 1, request),
+        reply({"ctx": 4 * torch.ones(2, 3)}, 30, 2, request),
+        reply({"ctx": torch.ones(2, 3), "phi_k.ctx": torch.ones(2, 3)}, 1000, 3, request),  # extra array
+        reply({"ctx": torch.ones(3, 3)}, 1000, 4, request),  # wrong shape
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["ctx"].numpy(), np.full((2, 3), (10 * 1 + 30 * 4) / 40))
+    assert metrics["conflict-rate"] == pytest.approx(0.5)
+
+
+def test_sampling_is_seeded_all_first_round_then_a_fraction():
+    grid = FakeGrid(range(10, 30))
+    strategy = FedPuReLStrategy({"ctx": (2, 3)}, fraction_train=0.4, seed=7)
+    assert strategy.sample(1, grid) == sorted(grid.node_ids)
+    second = strategy.sample(2, grid)
+    assert len(second) == 8 and set(second) <= set(grid.node_ids)
+    assert second == FedPuReLStrategy({"ctx": (2, 3)}, fraction_train=0.4, seed=7).sample(2, grid)
+    assert second != strategy.sample(3, grid)
+    large = FakeGrid([2**64 - 1 - i for i in range(5)])  # node ids beyond int64 survive sampling
+    assert set(strategy.sample(2, large)) <= set(large.node_ids)
+
+
+def test_personalization_and_evaluation_messages_go_to_every_node():
+    grid = FakeGrid([5, 6, 7])
+    strategy = FedPuReLStrategy({"ctx": (2, 3)}, min_available_nodes=1)
+    arrays = ArrayRecord({"ctx": torch.zeros(2, 3)})
+    personalize = strategy.configure_personalize(3, arrays, grid)
+    assert [m.metadata.dst_node_id for m in personalize] == [5, 6, 7]
+    assert {m.metadata.message_type for m in personalize} == {PERSONALIZE}
+    evaluate = list(strategy.configure_evaluate(3, arrays, ConfigRecord(), grid))
+    assert {m.metadata.message_type for m in evaluate} == {MessageType.EVALUATE}

@@ -1,0 +1,62 @@
+"""The run config: pyproject defaults are valid and complete; mistakes give one clear message."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedpurel_app.config import ConfigError, RunConfig, parse_run_config
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def pyproject_config() -> dict:
+    return tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_lists_every_knob_with_the_model_default():
+    config = pyproject_config()
+    assert set(config) == {name.replace("_", "-") for name in RunConfig.model_fields}
+    parsed = parse_run_config(config)
+    assert parsed == RunConfig(), "pyproject defaults and RunConfig defaults disagree"
+
+
+def test_overrides_are_applied():
+    cfg = parse_run_config({**pyproject_config(), "align": "none", "lr": 0.5, "seed": 3})
+    assert (cfg.align, cfg.lr, cfg.seed) == ("none", 0.5, 3)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"lr": -1.0}, "key 'lr': value -1.0"),
+        ({"align": "tkl2"}, "'tkl', 'kl' or 'none'"),
+        ({"fraction-train": 1.5}, "key 'fraction-train'"),
+        ({"lam": 2.0}, "key 'lam'"),
+        ({"num-rounds": "ten"}, "key 'num-rounds'"),
+        ({"device": "tpu"}, "key 'device'"),
+        ({"lrr": 0.1}, "unknown key 'lrr' (did you mean 'lr'?)"),
+        ({"tau-min": 5.0, "tau-max": 1.0}, "tau-min (5.0) must be smaller than tau-max (1.0)"),
+    ],
+)
+def test_bad_values_name_the_key_value_and_range(override, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({**pyproject_config(), **override})
+    message = str(err.value)
+    assert expected in message
+    assert "Traceback" not in message
+
+
+def test_all_problems_are_listed_at_once():
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"lr": 0.0, "batch-size": 0, "granularity": "row"})
+    message = str(err.value)
+    for key in ("'lr'", "'batch-size'", "'granularity'"):
+        assert key in message
+
+
+def test_relative_output_dir_resolves_under_the_app_dir(tmp_path):
+    cfg = parse_run_config({"output-dir": "runs"})
+    assert cfg.resolved_output_dir(tmp_path) == (tmp_path / "runs").resolve()
+    absolute = parse_run_config({"output-dir": str(tmp_path / "abs")})
+    assert absolute.resolved_output_dir(Path("/elsewhere")) == tmp_path / "abs"

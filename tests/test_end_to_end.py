@@ -1,0 +1,86 @@
+"""The README's main command end to end: `scripts/run.sh` -> `flwr run .` in Ray simulation.
+
+Small configs (4 SuperNodes, 2 + 1 rounds) keep each run under a minute.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_app(tmp_path: Path, overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path / "outputs"
+    env = {
+        **os.environ,
+        "NUM_SUPERNODES": "4",
+        "OUTPUT_DIR": str(out),
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": "300000000",
+    }
+    proc = subprocess.run(
+        ["bash", "scripts/run.sh", overrides], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=600,
+    )
+    return proc, out
+
+
+def flower_processes(flwr_home: Path) -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in ps if str(flwr_home) in line]
+
+
+def only_results(out: Path) -> dict:
+    (path,) = out.glob("*/results.json")
+    assert (path.parent / "phi_g.safetensors").is_file()
+    return json.loads(path.read_text())
+
+
+SMALL = "num-rounds=2 personal-rounds=1 local-epochs=1 fraction-train=0.5 client-test-size=40"
+
+
+def test_default_schedule_writes_complete_results(tmp_path):
+    proc, out = run_app(tmp_path, SMALL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = only_results(out)
+    assert results["config"]["num-rounds"] == 2 and results["config"]["align"] == "tkl"
+    for gm in (results["zero_shot"]["gm"], results["final"]["gm"]):
+        for key in ("all", "many", "medium", "few", "balancedness"):
+            assert 0.0 <= gm[key] <= 1.0
+        assert len(gm["per_class"]) == 10
+    assert set(results["final"]["gm_last10"]) >= {"all", "many", "medium", "few", "balancedness"}
+    pm = results["final"]["pm"]
+    assert 0.0 <= pm["all"] <= 1.0 and 0.0 <= pm["all_weighted"] <= 1.0 and pm["personalized"]
+    assert pm["num_clients"] == 4
+    phases = [(r["round"], r["phase"]) for r in results["rounds"]]
+    assert phases == [(1, "global"), (2, "global"), (3, "personal")]
+    first = results["rounds"][0]
+    assert first["train"]["clients"] == 4, "round 1 samples every client"
+    assert results["rounds"][1]["train"]["clients"] == 2, "then fraction-train of them"
+    assert 0.0 <= first["train"]["conflict-rate"] <= 1.0 and "mean-cosine" in first["train"]
+    assert all("wall_time" in r for r in results["rounds"])
+    assert "zero-shot" in proc.stdout and "results:" in proc.stdout
+    assert flower_processes(tmp_path / "flwr-home") == [], "processes left running"
+
+
+def test_interleaved_schedule_with_kl_and_flat_purification(tmp_path):
+    proc, out = run_app(tmp_path, SMALL + " personalization='interleaved' align='kl' granularity='flat'")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = only_results(out)
+    assert [r["phase"] for r in results["rounds"]] == ["global", "global"]
+    assert all("pm" in r and "gm" in r for r in results["rounds"])
+    assert results["final"]["pm"]["personalized"]
+
+
+def test_a_bad_config_stops_before_training_with_one_clear_message(tmp_path):
+    proc, out = run_app(tmp_path, "lr=-1.0 align='tkl2'")
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "key 'lr': value -1.0" in text and "key 'align'" in text
+    assert "Traceback" not in text
+    assert not list(out.glob("*/results.json")), "a results file was written for a refused config"
+    assert flower_processes(tmp_path / "flwr-home") == []
