@@ -85,20 +85,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--set", action="append", default=[], help="run-config key=value (TOML value)")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds to sweep (overrides seed)")
+    parser.add_argument("--aligns", default="", help="comma-separated align values to sweep (overrides align)")
+    parser.add_argument("--history", action="store_true", help="also print the per-round GM history")
+    parser.add_argument("--per-class", action="store_true", help="also print per-class GM accuracies")
     args = parser.parse_args()
     import tomllib
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     overrides = tomllib.loads("\n".join(f"{kv.split('=', 1)[0]} = {kv.split('=', 1)[1]}" for kv in args.set))
-    cfg = parse_run_config(overrides)
-    torch.manual_seed(cfg.seed)
-    out = run_inprocess(cfg, args.clients)
+    seeds = [int(s) for s in args.seeds.split(",") if s] or [None]
+    aligns = [a for a in args.aligns.split(",") if a] or [None]
     keys = ("all", "many", "medium", "few", "balancedness")
-    print(json.dumps({
-        "zero_shot": {k: out["zero_shot"][k] for k in keys},
-        "gm": {k: out["gm"][k] for k in keys},
-        "pm_all": out["pm"]["all"], "pm_global_all": out["pm_global_all"],
-        "total_s": round(out["total_s"], 1),
-    }))
+    for seed in seeds:
+        for align in aligns:
+            run = dict(overrides)
+            if seed is not None:
+                run["seed"] = seed
+            if align is not None:
+                run["align"] = align
+            cfg = parse_run_config(run)
+            torch.manual_seed(cfg.seed)
+            out = run_inprocess(cfg, args.clients)
+            record = {
+                "seed": cfg.seed, "align": cfg.align,
+                "zero_shot": {k: out["zero_shot"][k] for k in keys},
+                "gm": {k: out["gm"][k] for k in keys},
+                "pm_all": out["pm"]["all"], "pm_global_all": out["pm_global_all"],
+                "total_s": round(out["total_s"], 1), "setup_s": round(out["setup_s"], 1),
+            }
+            if args.per_class:
+                record["zero_shot_per_class"] = out["zero_shot"]["per_class"]
+                record["gm_per_class"] = out["gm"]["per_class"]
+            if args.history:
+                record["history"] = out["history"]
+            print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

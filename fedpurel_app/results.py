@@ -105,16 +105,21 @@ class RunRecorder:
 
     def table(self) -> str:
         """Zero-shot vs final, in percent: GM All/Many/Medium/Few/Balancedness, PM All."""
-        zs = self.data["zero_shot"].get("gm", {})
-        final = self.data["final"]
-        gm, pm = final.get("gm", {}), final.get("pm", {})
+        zero_shot, final = self.data["zero_shot"], self.data["final"]
 
         def pct(value: float | None) -> str:
-            return "   -  " if value is None else f"{100 * value:6.2f}"
+            return "     -" if value is None else f"{100 * value:6.2f}"
 
-        header = "             " + " ".join(f"{k.upper()[:6]:>6}" for k in GROUPS) + "  PM ALL"
-        rows = [
-            "zero-shot    " + " ".join(pct(zs.get(k)) for k in GROUPS) + "      - ",
-            "final        " + " ".join(pct(gm.get(k)) for k in GROUPS) + f" {pct(pm.get('all'))}",
-        ]
-        return "\n".join(["GM accuracy (%) on the balanced test set; PM: mean over clients", header, *rows])
+        def row(name: str, gm: dict, pm: dict) -> str:
+            return f"{name:<10}" + "".join(f" {pct(gm.get(k))}" for k in GROUPS) + f" {pct(pm.get('all'))}"
+
+        header = f"{'':<10}" + "".join(f" {k.upper()[:6]:>6}" for k in GROUPS) + f" {'PM ALL':>6}"
+        return "\n".join(
+            [
+                "GM: accuracy (%) of the global model on the balanced test set; "
+                "PM: personalized accuracy, mean over clients",
+                header,
+                row("zero-shot", zero_shot.get("gm", {}), zero_shot.get("pm", {})),
+                row("final", final.get("gm", {}), final.get("pm", {})),
+            ]
+        )

@@ -60,3 +60,17 @@ def test_relative_output_dir_resolves_under_the_app_dir(tmp_path):
     assert cfg.resolved_output_dir(tmp_path) == (tmp_path / "runs").resolve()
     absolute = parse_run_config({"output-dir": str(tmp_path / "abs")})
     assert absolute.resolved_output_dir(Path("/elsewhere")) == tmp_path / "abs"
+
+
+def test_public_api_is_at_the_package_top_level():
+    import torch
+
+    import fedpurel_app
+
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    tau = fedpurel_app.solve_temperature(logits, torch.tensor([0.5]))
+    assert tau.shape == (1,)
+    loss = fedpurel_app.temperature_aligned_kl(logits, logits.flip(-1), aligned=True)
+    assert loss.ndim == 0 and loss > 0
+    (g,) = fedpurel_app.purify_gradients([torch.tensor([1.0, 0.0])], [torch.tensor([-1.0, 1.0])], granularity="tensor")
+    torch.testing.assert_close(g, torch.tensor([0.5, 0.5]))
