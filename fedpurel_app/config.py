@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 def _to_kebab(name: str) -> str:
@@ -37,7 +37,7 @@ class RunConfig(BaseModel):
     )
 
     # --- data: Fed-LT protocol (METHOD.md "Data protocol") ---
-    dataset: Literal["mnist", "mnist-animals"] = "mnist"
+    dataset: str = "mnist"
     data_root: str = ""
     n_max: int = Field(150, ge=1)
     imbalance_factor: float = Field(100.0, ge=1.0)
@@ -54,7 +54,7 @@ class RunConfig(BaseModel):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
     # --- PEFT ---
-    peft: Literal["prompt"] = "prompt"
+    peft: str = "prompt"
     n_ctx: int = Field(4, ge=1, le=16)
     ctx_init: str = "a photo of a"
 
@@ -87,6 +87,24 @@ class RunConfig(BaseModel):
     seed: int = Field(0, ge=0)
     output_dir: str = Field("outputs", min_length=1)
     round_timeout: float = Field(3600.0, gt=0.0)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from .data import DATASETS
+
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset; choose one of {sorted(DATASETS)}")
+        return name
+
+    @field_validator("peft")
+    @classmethod
+    def _known_peft(cls, name: str) -> str:
+        from .peft import PEFT_VARIANTS
+
+        if name not in PEFT_VARIANTS:
+            raise ValueError(f"unknown PEFT variant; choose one of {sorted(PEFT_VARIANTS)}")
+        return name
 
     @model_validator(mode="after")
     def _check_relations(self) -> RunConfig:

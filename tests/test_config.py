@@ -74,3 +74,11 @@ def test_public_api_is_at_the_package_top_level():
     assert loss.ndim == 0 and loss > 0
     (g,) = fedpurel_app.purify_gradients([torch.tensor([1.0, 0.0])], [torch.tensor([-1.0, 1.0])], granularity="tensor")
     torch.testing.assert_close(g, torch.tensor([0.5, 0.5]))
+
+
+def test_dataset_and_peft_names_are_checked_against_the_registries():
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"dataset": "cifar1000", "peft": "bitfit"})
+    message = str(err.value)
+    assert "key 'dataset'" in message and "'mnist'" in message
+    assert "key 'peft'" in message and "'prompt'" in message
