@@ -11,6 +11,8 @@ from typing import Callable
 
 from .base import DEFAULT_TEMPLATE, DatasetBundle, ImageSplit, Split
 from .embedded import load_mnist, load_mnist_animals
+from .cifar import load_cifar10_lt, load_cifar100_lt
+from .folder import load_imagenet_lt, load_places_lt
 from .fedlt import (
     FedLTSplit,
     build_fedlt,
@@ -25,6 +27,10 @@ Loader = Callable[[str | None, int], DatasetBundle]
 DATASETS: dict[str, Loader] = {
     "mnist": load_mnist,
     "mnist-animals": load_mnist_animals,
+    "cifar10-lt": load_cifar10_lt,
+    "cifar100-lt": load_cifar100_lt,
+    "imagenet-lt": load_imagenet_lt,
+    "places-lt": load_places_lt,
 }
 
 
