@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up .venv if needed, then run FedPuReL in Flower simulation (Ray) on the embedded default.
 #
-#   bash scripts/run.sh                          # the default run (20 clients)
-#   bash scripts/run.sh "align='none' seed=1"    # any [tool.flwr.app.config] override
+#   bash scripts/run.sh                                   # the default run (20 clients)
+#   bash scripts/run.sh "align='none' seed=1"             # any [tool.flwr.app.config] override
+#   bash scripts/run.sh configs/cifar100-lt-prompt.toml "seed=1"   # a preset, then overrides
 #
 # Environment: NUM_SUPERNODES (20), CLIENT_GPUS (0.0; e.g. 0.25 on a GPU machine),
 # OUTPUT_DIR (./outputs), FLWR_HOME (./.flwr). Exits non-zero if the run did not complete.
@@ -39,9 +40,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Presets (.toml files) and key=value strings, later ones win, as one --run-config string.
+overrides=$(python scripts/overrides.py "$@")
+
 flwr run . --stream \
   --federation-config "num-supernodes=${NUM_SUPERNODES:-20} client-resources-num-cpus=1 client-resources-num-gpus=${CLIENT_GPUS:-0.0}" \
-  --run-config "output-dir='$output_dir' ${1:-}" 2>&1 | grep --line-buffered -v -E "^(INFO|DEBUG):flwr:|^\s*$" | tee "$log"
+  --run-config "output-dir='$output_dir' $overrides" 2>&1 | grep --line-buffered -v -E "^(INFO|DEBUG):flwr:|^\s*$" | tee "$log"
 
 # `flwr run --stream` exits 0 even when the ServerApp failed: check the run's final status.
 run_id=$(sed -n 's/.*Successfully started run \([0-9]*\).*/\1/p' "$log" | tail -n 1)

@@ -1,0 +1,45 @@
+"""Presets under configs/ are valid run configs; scripts/overrides.py merges them with overrides."""
+
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedpurel_app.config import parse_run_config
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import overrides  # noqa: E402
+
+PRESETS = sorted((REPO / "configs").glob("*.toml"))
+
+
+def test_there_are_presets_for_every_paper_dataset():
+    names = {p.stem for p in PRESETS}
+    assert {"cifar100-lt-prompt", "cifar10-lt-prompt", "imagenet-lt-prompt", "places-lt-prompt", "reference"} <= names
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_is_a_valid_run_config(preset):
+    defaults = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    values = tomllib.loads(preset.read_text())
+    assert set(values) <= set(defaults), f"{preset.name} sets keys pyproject does not define"
+    cfg = parse_run_config({**defaults, **values})
+    assert cfg.model == "ViT-B-16" and cfg.pretrained == "openai"
+    assert (cfg.num_rounds, cfg.fraction_train, cfg.dirichlet_alpha, cfg.imbalance_factor) == (100, 0.4, 1.0, 100.0)
+
+
+def test_reference_preset_uses_the_reference_code_choices():
+    cfg = tomllib.loads((REPO / "configs" / "reference.toml").read_text())
+    assert cfg["lam"] == 0.99 and cfg["personalization"] == "interleaved"
+
+
+def test_overrides_merge_a_preset_with_later_pairs_winning(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('lr = 0.5\nctx-init = "a photo of a"\nall-clients-first-round = true\n')
+    merged = overrides.merge([str(preset), "lr=0.1 seed=2 align='kl'"])
+    assert merged == {"lr": 0.1, "ctx-init": "a photo of a", "all-clients-first-round": True, "seed": 2, "align": "kl"}
+    text = overrides.to_run_config(merged)
+    assert "ctx-init='a photo of a'" in text and "all-clients-first-round=true" in text
+    assert overrides.merge([text]) == merged, "the string flwr receives parses back to the same values"
