@@ -78,6 +78,7 @@ def _run(grid: Grid, cfg: RunConfig, setup: _Setup) -> None:
         all_clients_first_round=cfg.all_clients_first_round,
         min_available_nodes=cfg.min_nodes,
         seed=cfg.seed,
+        max_examples=int(setup.counts.sum()),
     )
     recorder, counts = setup.recorder, setup.counts
     arrays = ArrayRecord(setup.peft.global_state())
@@ -101,10 +102,7 @@ def _run(grid: Grid, cfg: RunConfig, setup: _Setup) -> None:
     total = cfg.num_rounds + (cfg.personal_rounds if cfg.personalization == "post" else 0)
     for rnd in range(1, cfg.num_rounds + 1):
         replies = exchange(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-        aggregated, train_metrics = strategy.aggregate_train(rnd, replies)
-        if aggregated is None:
-            raise RuntimeError(f"round {rnd}: no client returned a valid phi_g update")
-        arrays = aggregated
+        arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if cfg.personalization == "interleaved":
             exchange(strategy.configure_personalize(rnd, arrays, grid, strategy.last_sampled))
         due = rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds

@@ -4,8 +4,9 @@
   in round 1 when ``all-clients-first-round`` is set, then ``fraction-train``
   of them (METHOD.md "Stage 1", step 7).
 - Aggregation is FedAvg weighted by each client's train-set size n_k, over
-  phi_g only: a reply whose arrays are not exactly phi_g's keys and shapes is
-  dropped and logged (a client never sends phi_k).
+  phi_g only. Every reply is checked first (:meth:`reply_problem`): one that is
+  not exactly a finite float32 phi_g with a sane example count (for instance
+  one that also carries a private phi_k tensor) is dropped and logged.
 - Stage 2 messages (``train.personalize``) and PM evaluation carry phi_g out
   and bring metrics back, never parameters.
 """
@@ -34,6 +35,8 @@ class FedPuReLStrategy(FedAvg):
         all_clients_first_round: bool = True,
         min_available_nodes: int = 2,
         seed: int = 0,
+        max_examples: int = 10**9,
+        min_valid_replies: int = 1,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -45,6 +48,8 @@ class FedPuReLStrategy(FedAvg):
         self.phi_g_shapes = dict(phi_g_shapes)
         self.all_clients_first_round = all_clients_first_round
         self.seed = seed
+        self.max_examples = max_examples
+        self.min_valid_replies = min_valid_replies
         self.last_sampled: list[int] = []
 
     def _nodes(self, grid: Grid) -> list[int]:
@@ -88,27 +93,56 @@ class FedPuReLStrategy(FedAvg):
         """PM evaluation on every client's own test set."""
         return self._messages(self._nodes(grid), arrays, server_round, MessageType.EVALUATE)
 
-    def _is_phi_g(self, msg: Message) -> bool:
+    def reply_problem(self, msg: Message) -> str | None:
+        """Why a Stage-1 reply must not be aggregated, or None when it is a valid phi_g update.
+
+        Checked: exactly one ArrayRecord holding exactly phi_g's keys (an extra array,
+        e.g. a private phi_k tensor, is refused), shapes, float32 dtype, finite
+        values, and a whole positive ``num-examples`` no larger than ``max_examples``.
+        """
+        if msg.has_error():
+            return f"the client reported an error: {msg.error.reason}"
         records = list(msg.content.array_records.values())
         if len(records) != 1:
-            return False
-        shapes = {key: tuple(array.shape) for key, array in records[0].items()}
-        return shapes == self.phi_g_shapes
+            return f"expected one ArrayRecord (phi_g), got {len(records)}"
+        arrays = records[0]
+        missing = sorted(set(self.phi_g_shapes) - set(arrays))
+        extra = sorted(set(arrays) - set(self.phi_g_shapes))
+        if missing or extra:
+            return f"arrays are not exactly phi_g: missing {missing}, extra {extra}"
+        for key, array in arrays.items():
+            if tuple(array.shape) != self.phi_g_shapes[key]:
+                return f"phi_g['{key}'] has shape {tuple(array.shape)}, expected {self.phi_g_shapes[key]}"
+            if array.dtype != "float32":
+                return f"phi_g['{key}'] has dtype {array.dtype}, expected float32"
+            if not np.isfinite(array.numpy()).all():
+                return f"phi_g['{key}'] contains NaN or Inf"
+        metrics = list(msg.content.metric_records.values())
+        count = metrics[0].get(self.weighted_by_key) if len(metrics) == 1 else None
+        if not isinstance(count, (int, float)) or count != int(count) or not 0 < count <= self.max_examples:
+            return f"'{self.weighted_by_key}' is {count!r}, expected a whole number in [1, {self.max_examples}]"
+        return None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Weighted FedAvg of phi_g; replies carrying anything but phi_g are dropped."""
+        """Weighted FedAvg of phi_g over the valid replies; every other reply is dropped and logged.
+
+        Raises RuntimeError when fewer than ``min_valid_replies`` valid replies remain.
+        """
         kept = []
         for msg in replies:
-            if not msg.has_error() and not self._is_phi_g(msg):
-                log(
-                    WARNING,
-                    "Round %d: dropped the reply of node %d: its arrays are not exactly phi_g %s",
-                    server_round, msg.metadata.src_node_id, sorted(self.phi_g_shapes),
-                )
-                continue
-            kept.append(msg)
+            problem = self.reply_problem(msg)
+            if problem is None:
+                kept.append(msg)
+            else:
+                log(WARNING, "Round %d: dropped the reply of node %d: %s",
+                    server_round, msg.metadata.src_node_id, problem)
+        if len(kept) < self.min_valid_replies:
+            raise RuntimeError(
+                f"round {server_round}: only {len(kept)} valid client update(s), "
+                f"at least {self.min_valid_replies} needed; see the dropped replies above"
+            )
         return super().aggregate_train(server_round, kept)
 
     def evaluate_replies(self, replies: Iterable[Message]) -> list[MetricRecord]:

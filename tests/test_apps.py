@@ -94,26 +94,55 @@ class FakeGrid:
         return self.node_ids
 
 
-def reply(phi: dict, n: int, src: int, request: Message) -> Message:
-    content = RecordDict({"arrays": ArrayRecord(phi), "metrics": MetricRecord({"num-examples": n, "conflict-rate": 0.5})})
-    from flwr.supercore.task_identity import TaskIdentity
+def reply(phi: dict, n, src: int, request: Message) -> Message:
+    """Node ``src``'s reply to a Stage-1 request."""
+    request = Message(request.content, dst_node_id=src, message_type=request.metadata.message_type)
+    metrics = MetricRecord({"num-examples": n, "conflict-rate": 0.5})
+    return Message(RecordDict({"arrays": ArrayRecord(phi), "metrics": metrics}), reply_to=request)
 
-    TaskIdentity.node_id = src  # the replying node (restored by the task_identity fixture)
-    return Message(content, reply_to=request)
+
+GOOD = {"ctx": torch.ones(2, 3)}
+BAD_REPLIES = {
+    "extra array (a phi_k tensor)": ({"ctx": torch.ones(2, 3), "phi_k.ctx": torch.ones(2, 3)}, 10),
+    "missing array": ({"other": torch.ones(2, 3)}, 10),
+    "wrong shape": ({"ctx": torch.ones(3, 3)}, 10),
+    "wrong dtype": ({"ctx": torch.ones(2, 3, dtype=torch.float64)}, 10),
+    "NaN": ({"ctx": torch.full((2, 3), float("nan"))}, 10),
+    "Inf": ({"ctx": torch.full((2, 3), float("inf"))}, 10),
+    "zero examples": (GOOD, 0),
+    "negative examples": (GOOD, -5),
+    "fractional examples": (GOOD, 2.5),
+    "absurd examples": (GOOD, 10**12),
+}
 
 
-def test_aggregation_is_weighted_by_n_k_and_drops_anything_but_phi_g():
-    strategy = FedPuReLStrategy({"ctx": (2, 3)}, fraction_train=0.5, min_available_nodes=1)
+def test_aggregation_is_weighted_by_n_k():
+    strategy = FedPuReLStrategy({"ctx": (2, 3)}, max_examples=1000)
     request = server_message({"ctx": torch.zeros(2, 3)}, MessageType.TRAIN)
-    replies = [
-        reply({"ctx": torch.ones(2, 3)}, 10, 1, request),
-        reply({"ctx": 4 * torch.ones(2, 3)}, 30, 2, request),
-        reply({"ctx": torch.ones(2, 3), "phi_k.ctx": torch.ones(2, 3)}, 1000, 3, request),  # extra array
-        reply({"ctx": torch.ones(3, 3)}, 1000, 4, request),  # wrong shape
-    ]
+    replies = [reply({"ctx": torch.ones(2, 3)}, 10, 1, request), reply({"ctx": 4 * torch.ones(2, 3)}, 30, 2, request)]
     arrays, metrics = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["ctx"].numpy(), np.full((2, 3), (10 * 1 + 30 * 4) / 40))
     assert metrics["conflict-rate"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REPLIES))
+def test_a_bad_reply_is_dropped_logged_and_the_round_goes_on(case, caplog):
+    strategy = FedPuReLStrategy({"ctx": (2, 3)}, max_examples=1000)
+    request = server_message({"ctx": torch.zeros(2, 3)}, MessageType.TRAIN)
+    phi, n = BAD_REPLIES[case]
+    bad = reply(phi, n, 777, request)
+    assert strategy.reply_problem(bad) is not None
+    with caplog.at_level("WARNING", logger="flwr"):
+        arrays, _ = strategy.aggregate_train(3, [reply(GOOD, 10, 1, request), bad])
+    np.testing.assert_allclose(arrays["ctx"].numpy(), np.ones((2, 3)))
+    assert "node 777" in caplog.text
+
+
+def test_a_round_without_enough_valid_replies_fails_clearly():
+    strategy = FedPuReLStrategy({"ctx": (2, 3)}, max_examples=1000, min_valid_replies=2)
+    request = server_message({"ctx": torch.zeros(2, 3)}, MessageType.TRAIN)
+    with pytest.raises(RuntimeError, match="only 1 valid client update"):
+        strategy.aggregate_train(4, [reply(GOOD, 10, 1, request), reply(*BAD_REPLIES["NaN"], 2, request)])
 
 
 def test_sampling_is_seeded_all_first_round_then_a_fraction():
