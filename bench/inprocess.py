@@ -114,6 +114,7 @@ def main() -> None:
                 "zero_shot": {k: out["zero_shot"][k] for k in keys},
                 "gm": {k: out["gm"][k] for k in keys},
                 "pm_all": out["pm"]["all"], "pm_global_all": out["pm_global_all"],
+                "gm_last10": {k: float(np.mean([h[f"gm_{k}"] for h in out["history"][-10:]])) for k in ("all", "few")},
                 "total_s": round(out["total_s"], 1), "setup_s": round(out["setup_s"], 1),
             }
             if args.per_class:

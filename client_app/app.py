@@ -3,8 +3,13 @@
 Private state lives in ``context.state`` and never enters a reply:
 
 - ``fedpurel.phi_k``: the private residual branch phi_k (Stage 2);
-- ``fedpurel.features``: this client's cached image features, labels and
-  zero-shot logits (computed once with the frozen image encoder).
+- ``fedpurel.features``: this client's labels and zero-shot logits and, for
+  variants that consume image features (prompt, adapter), those features,
+  all computed once with the frozen image encoder. Variants that consume
+  pixels (lora) do not keep them there (a client's preprocessed images are
+  far larger than its features for real image sizes): their pixels are
+  recomputed from the dataset in every message, which costs one pass of
+  CLIP's preprocessing and no encoder pass.
 
 Handlers:
 
@@ -42,25 +47,33 @@ def _partition(context: Context) -> tuple[int, int]:
 
 
 def _features(cfg: RunConfig, context: Context) -> tuple[FeatureSet, FeatureSet]:
-    """This client's (train, test) feature sets, computed once and kept in context.state."""
+    """This client's (train, test) feature sets; what is cached lives in context.state."""
     pid, num = _partition(context)
+    kind = task.input_kind(cfg)
     key = repr((cfg.dataset, cfg.data_root, cfg.model, cfg.pretrained, cfg.seed, cfg.n_max,
                 cfg.imbalance_factor, cfg.dirichlet_alpha, cfg.min_client_samples,
-                cfg.client_test_size, pid, num))
+                cfg.client_test_size, pid, num, kind))
+    cached_fields = ("labels", "zero_shot_logits") + (("features",) if kind == "features" else ())
     cached = context.state.config_records.get(FEATURES_KEY)
     if cached is not None and cached["key"] == key and FEATURES in context.state.array_records:
         arrays = context.state.array_records[FEATURES].to_torch_state_dict()
         device = task.load_clip(cfg).device
+        inputs = (
+            (arrays["train.features"], arrays["test.features"]) if kind == "features"
+            else task.client_inputs(cfg, pid, num)
+        )
         return tuple(
-            FeatureSet(*(arrays[f"{split}.{field}"].to(device) for field in ("features", "labels", "zero_shot_logits")))
-            for split in ("train", "test")
+            FeatureSet(
+                x.to(device), arrays[f"{split}.labels"].to(device), arrays[f"{split}.zero_shot_logits"].to(device)
+            )
+            for split, x in zip(("train", "test"), inputs, strict=True)
         )
     train, test = task.client_feature_sets(cfg, pid, num)
-    state = {}
-    for split, data in (("train", train), ("test", test)):
-        state[f"{split}.features"] = data.features.cpu()
-        state[f"{split}.labels"] = data.labels.cpu()
-        state[f"{split}.zero_shot_logits"] = data.zero_shot_logits.cpu()
+    state = {
+        f"{split}.{field}": getattr(data, field).cpu()
+        for split, data in (("train", train), ("test", test))
+        for field in cached_fields
+    }
     context.state[FEATURES] = ArrayRecord(state)
     context.state[FEATURES_KEY] = ConfigRecord({"key": key})
     return train, test

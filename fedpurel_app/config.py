@@ -57,6 +57,11 @@ class RunConfig(BaseModel):
     peft: str = "prompt"
     n_ctx: int = Field(4, ge=1, le=16)
     ctx_init: str = "a photo of a"
+    adapter_init: Literal["zero-shot", "random"] = "zero-shot"
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_targets: str = "q_proj,k_proj,v_proj"
+    lora_rslora: bool = False
 
     # --- Stage 1: global balanced training ---
     align: Literal["tkl", "kl", "none"] = "tkl"
@@ -105,6 +110,14 @@ class RunConfig(BaseModel):
         if name not in PEFT_VARIANTS:
             raise ValueError(f"unknown PEFT variant; choose one of {sorted(PEFT_VARIANTS)}")
         return name
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _lora_targets(cls, spec: str) -> str:
+        from .peft.lora import parse_targets
+
+        parse_targets(spec)
+        return spec
 
     @model_validator(mode="after")
     def _check_relations(self) -> RunConfig:

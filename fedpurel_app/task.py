@@ -1,7 +1,10 @@
 """From a validated config to the cached inputs of the training loops.
 
 Data flows one way: config -> dataset and Fed-LT split -> frozen CLIP ->
-cached image features and zero-shot logits (:class:`FeatureSet`) -> training.
+the PEFT variant's inputs and the zero-shot logits (:class:`FeatureSet`) -> training.
+The inputs are what the variant declares (``PeftVariant.inputs``): cached image
+features of the frozen encoder, or preprocessed pixels when the variant puts the
+image encoder in the loop. Zero-shot logits always come from the frozen CLIP.
 Both apps call these functions; neither holds method logic of its own.
 """
 
@@ -15,8 +18,15 @@ import torch
 from .config import RunConfig
 from .data import DatasetBundle, load_dataset
 from .data.fedlt import FedLTSplit, build_fedlt
-from .models import Clip, create_clip, encode_images, zero_shot_logits, zero_shot_text_features
-from .peft import PeftVariant, build_peft
+from .models import (
+    Clip,
+    create_clip,
+    encode_images,
+    preprocess_images,
+    zero_shot_logits,
+    zero_shot_text_features,
+)
+from .peft import PeftVariant, build_peft, peft_class
 from .training import FeatureSet, Stage1Options
 
 # The embedded CLIP and the dataset's pretrain/test/train-pool split do not depend
@@ -76,33 +86,69 @@ def build_model(cfg: RunConfig) -> PeftVariant:
     """The PEFT variant over the run's frozen CLIP, at its initial phi_g and phi_k."""
     clip = load_clip(cfg)
     bundle = dataset(cfg.dataset, cfg.data_root)
-    return build_peft(cfg.peft, clip, bundle.classnames, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, seed=cfg.seed)
+    return build_peft(cfg.peft, clip, bundle.classnames, bundle.template, cfg)
+
+
+def input_kind(cfg: RunConfig) -> str:
+    """What the run's PEFT variant consumes: ``"features"`` or ``"pixels"``."""
+    return peft_class(cfg.peft).inputs
+
+
+def model_inputs(cfg: RunConfig, split, features: torch.Tensor | None = None) -> torch.Tensor:
+    """The variant's inputs for a split, on the clip's device.
+
+    ``"features"``: L2-normalised image features of the frozen encoder (``features``
+    when already computed); ``"pixels"``: the images through CLIP's preprocessing.
+    """
+    clip = load_clip(cfg)
+    kind = input_kind(cfg)
+    if kind == "features":
+        x = features if features is not None else encode_images(clip, split)
+    elif kind == "pixels":
+        x = preprocess_images(clip.preprocess, split)
+    else:  # pragma: no cover - a variant declaring something else
+        raise ValueError(f"PEFT variant {cfg.peft!r} declares unknown inputs {kind!r}")
+    return x.to(clip.device)
 
 
 def feature_set(cfg: RunConfig, split) -> FeatureSet:
-    """Encode a split once with the frozen image encoder and its zero-shot logits z."""
+    """A split's inputs for the run's PEFT variant, labels, and zero-shot logits z.
+
+    z comes from the frozen image encoder and the dataset's template, whatever the variant.
+    """
     clip = load_clip(cfg)
     bundle = dataset(cfg.dataset, cfg.data_root)
     text = zero_shot_text_features(clip, bundle.classnames, bundle.template)
     features = encode_images(clip, split)
     logits = zero_shot_logits(clip, features, text)
     labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)
-    return FeatureSet(features.to(clip.device), labels.to(clip.device), logits.to(clip.device))
+    inputs = model_inputs(cfg, split, features)
+    return FeatureSet(inputs, labels.to(clip.device), logits.to(clip.device))
 
 
-def client_feature_sets(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[FeatureSet, FeatureSet]:
-    """A client's (train, test) feature sets: its own partition, nothing of others."""
+def client_splits(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple:
+    """A client's (train, test) image splits: its own partition, nothing of others."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions - 1}]")
     bundle = dataset(cfg.dataset, cfg.data_root)
     split = fedlt_split(cfg, num_partitions)
-    train = bundle.train.subset(split.client_train[partition_id])
-    test = bundle.test.subset(split.client_test[partition_id])
+    return bundle.train.subset(split.client_train[partition_id]), bundle.test.subset(split.client_test[partition_id])
+
+
+def client_feature_sets(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[FeatureSet, FeatureSet]:
+    """A client's (train, test) feature sets: its own partition, nothing of others."""
+    train, test = client_splits(cfg, partition_id, num_partitions)
     return feature_set(cfg, train), feature_set(cfg, test)
 
 
+def client_inputs(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only the variant's inputs of a client's (train, test) splits (no zero-shot pass)."""
+    train, test = client_splits(cfg, partition_id, num_partitions)
+    return model_inputs(cfg, train), model_inputs(cfg, test)
+
+
 def global_test_set(cfg: RunConfig) -> FeatureSet:
-    """The balanced global test set (GM evaluation), encoded once."""
+    """The balanced global test set (GM evaluation), prepared once."""
     return feature_set(cfg, dataset(cfg.dataset, cfg.data_root).test)
 
 

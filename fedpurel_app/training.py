@@ -1,8 +1,11 @@
 """The local loops: a Stage-1 step (task and align gradients, purification, step)
 and a Stage-2 step (private residual), written once for every PEFT variant.
 
-They work on cached features: a :class:`FeatureSet` holds a client's
-L2-normalised image features, labels and frozen zero-shot logits z.
+They work on a :class:`FeatureSet`: a client's inputs for the PEFT variant,
+labels and frozen zero-shot logits z. The inputs are whatever the variant
+consumes (``PeftVariant.inputs``): cached L2-normalised image features, or
+preprocessed pixels when the image encoder is in the loop (lora); the loops
+only pass them to ``peft.global_logits`` / ``peft.private_logits``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from .tkl import temperature_aligned_kl
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """Cached inputs of one split: image features [N, D], labels [N], zero-shot logits [N, C]."""
+    """Inputs of one split: the variant's inputs [N, ...], labels [N], zero-shot logits [N, C].
+
+    ``features`` holds image features [N, D] (``inputs = "features"``) or
+    pixels [N, 3, H, W] (``inputs = "pixels"``).
+    """
 
     features: torch.Tensor
     labels: torch.Tensor

@@ -58,7 +58,7 @@ def test_phrase_length_must_match_n_ctx(clip, classnames):
 
 
 def test_branches_are_separate_and_only_phi_g_is_global(clip, classnames):
-    peft = build_peft("prompt", clip, classnames, n_ctx=4, ctx_init="")
+    peft = PromptPeft(clip, classnames, n_ctx=4, ctx_init="")
     assert set(peft.global_state()) == {"ctx"} and set(peft.private_state()) == {"ctx"}
     with torch.no_grad():
         peft.phi_k.ctx.add_(1.0)
@@ -70,13 +70,19 @@ def test_branches_are_separate_and_only_phi_g_is_global(clip, classnames):
 
 
 def test_loading_a_wrong_state_is_refused(clip, classnames):
-    peft = build_peft("prompt", clip, classnames)
+    peft = PromptPeft(clip, classnames)
     with pytest.raises(ValueError, match="keys do not match"):
         peft.load_global_state({"other": torch.zeros(4, 64)})
     with pytest.raises(ValueError, match="has shape"):
         peft.load_global_state({"ctx": torch.zeros(3, 64)})
 
 
-def test_unknown_variant_lists_the_known_ones(clip, classnames):
+def test_build_peft_reads_the_variant_knobs_from_the_config(clip, classnames, small_cfg):
+    cfg = small_cfg.model_copy(update={"n_ctx": 3, "ctx_init": ""})
+    peft = build_peft("prompt", clip, classnames, "a photo of a {}.", cfg)
+    assert isinstance(peft, PromptPeft) and peft.phi_g.ctx.shape[0] == 3
+
+
+def test_unknown_variant_lists_the_known_ones(clip, classnames, small_cfg):
     with pytest.raises(ValueError, match="prompt"):
-        build_peft("bitfit", clip, classnames)
+        build_peft("bitfit", clip, classnames, "a photo of a {}.", small_cfg)

@@ -7,19 +7,32 @@ A variant owns two branches of the same shape (METHOD.md "Notation"):
 - ``phi_k``: the client's private residual parameters, trained in Stage 2;
   they never leave the client.
 
-Both map (cached) image features to class logits that carry CLIP's logit
-scale. The frozen CLIP backbone is shared by the two branches and is not part
-of either.
+Both map a batch of inputs to class logits that carry CLIP's logit scale.
+What a batch holds is declared by the variant's :attr:`PeftVariant.inputs`:
+
+- ``"features"`` (default): the frozen image encoder's L2-normalised
+  embeddings [B, D], computed once per client and cached (prompt, adapter);
+- ``"pixels"``: preprocessed images [B, 3, H, W], for variants that put the
+  image encoder in the loop (lora).
+
+The frozen CLIP backbone is shared by the two branches and is not part of
+either. A variant is built from the run config by :meth:`PeftVariant.from_config`,
+which reads its own knobs, so that callers need not know them.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import RunConfig
+    from ..models import Clip
 
 
 class PeftVariant(nn.Module, ABC):
@@ -28,17 +41,31 @@ class PeftVariant(nn.Module, ABC):
     phi_g: nn.Module
     phi_k: nn.Module
 
+    #: What :meth:`branch_logits` consumes: cached image ``"features"`` or ``"pixels"``.
+    inputs: ClassVar[Literal["features", "pixels"]] = "features"
+
+    @classmethod
     @abstractmethod
-    def branch_logits(self, branch: nn.Module, image_features: torch.Tensor) -> torch.Tensor:
-        """Scaled class logits [B, C] of ``branch`` for L2-normalised image features."""
+    def from_config(
+        cls, clip: Clip, classnames: tuple[str, ...], template: str, cfg: RunConfig
+    ) -> PeftVariant:
+        """The variant over ``clip`` for ``classnames``, its own knobs read from ``cfg``.
 
-    def global_logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        ``template`` is the dataset's zero-shot template (``"a photo of a {}."``),
+        for variants with a fixed text side.
+        """
+
+    @abstractmethod
+    def branch_logits(self, branch: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Scaled class logits [B, C] of ``branch`` for a batch of :attr:`inputs`."""
+
+    def global_logits(self, x: torch.Tensor) -> torch.Tensor:
         """l_G: logits with phi_g."""
-        return self.branch_logits(self.phi_g, image_features)
+        return self.branch_logits(self.phi_g, x)
 
-    def private_logits(self, image_features: torch.Tensor) -> torch.Tensor:
+    def private_logits(self, x: torch.Tensor) -> torch.Tensor:
         """l_P: logits with phi_k."""
-        return self.branch_logits(self.phi_k, image_features)
+        return self.branch_logits(self.phi_k, x)
 
     def global_parameters(self) -> list[nn.Parameter]:
         return list(self.phi_g.parameters())
@@ -66,7 +93,13 @@ def _state(branch: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _load(branch: nn.Module, state: Mapping[str, torch.Tensor | np.ndarray], what: str) -> None:
-    expected = branch.state_dict()
+    branch.load_state_dict(checked_state(branch.state_dict(), state, what))
+
+
+def checked_state(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor | np.ndarray], what: str
+) -> dict[str, torch.Tensor]:
+    """``state`` as tensors of the dtypes of ``expected``; ValueError unless keys and shapes match."""
     if set(state) != set(expected):
         raise ValueError(
             f"{what} keys do not match this model: expected {sorted(expected)}, "
@@ -81,4 +114,4 @@ def _load(branch: nn.Module, state: Mapping[str, torch.Tensor | np.ndarray], wha
                 f"this model expects {tuple(expected[key].shape)}"
             )
         tensors[key] = tensor.to(expected[key].dtype)
-    branch.load_state_dict(tensors)
+    return tensors

@@ -13,12 +13,17 @@ are truncated to ``max(EOT) + 1``: identical features, far less compute.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..models import Clip
 from .base import PeftVariant
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import RunConfig
 
 
 class PromptContext(nn.Module):
@@ -74,6 +79,14 @@ class PromptPeft(PeftVariant):
         ctx = self._initial_context(clip, tower, n_ctx, ctx_init, seed)
         self.phi_g = PromptContext(ctx)
         self.phi_k = PromptContext(ctx)
+
+    @classmethod
+    def from_config(
+        cls, clip: Clip, classnames: tuple[str, ...], template: str, cfg: RunConfig
+    ) -> PromptPeft:
+        """Knobs ``n-ctx``, ``ctx-init``, ``seed``. The learned context replaces the
+        dataset's template, so ``template`` is not used (``ctx-init`` plays its part)."""
+        return cls(clip, classnames, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, seed=cfg.seed)
 
     @staticmethod
     def _initial_context(
