@@ -51,6 +51,7 @@ class RunConfig(BaseModel):
     model: str = Field("fedpurel-tiny", min_length=1)
     pretrained: str = Field("embedded", min_length=1)
     cache_dir: str = ""
+    feature_cache: bool = True
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
     # --- PEFT ---

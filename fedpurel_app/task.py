@@ -11,6 +11,7 @@ Both apps call these functions; neither holds method logic of its own.
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import numpy as np
 import torch
@@ -21,11 +22,13 @@ from .data.fedlt import FedLTSplit, build_fedlt
 from .models import (
     Clip,
     create_clip,
+    default_cache_dir,
     encode_images,
     preprocess_images,
     zero_shot_logits,
     zero_shot_text_features,
 )
+from .models.feature_cache import cached_image_features
 from .peft import PeftVariant, build_peft, peft_class
 from .training import FeatureSet, Stage1Options
 
@@ -111,7 +114,23 @@ def model_inputs(cfg: RunConfig, split, features: torch.Tensor | None = None) ->
     return x.to(clip.device)
 
 
-def feature_set(cfg: RunConfig, split) -> FeatureSet:
+def image_features(cfg: RunConfig, split, identity: str) -> torch.Tensor:
+    """Frozen image features of a split: from the on-disk cache when ``feature-cache`` is on.
+
+    ``identity`` names the split's samples (dataset, split, indices) for the cache key.
+    """
+    clip = load_clip(cfg)
+    if not cfg.feature_cache:
+        return encode_images(clip, split)
+    cache_dir = cfg.cache_dir or str(default_cache_dir())
+    return cached_image_features(clip, split, f"{cfg.dataset}:{cfg.data_root}/{identity}", cache_dir)
+
+
+def _digest(indices: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def feature_set(cfg: RunConfig, split, identity: str) -> FeatureSet:
     """A split's inputs for the run's PEFT variant, labels, and zero-shot logits z.
 
     z comes from the frozen image encoder and the dataset's template, whatever the variant.
@@ -119,26 +138,35 @@ def feature_set(cfg: RunConfig, split) -> FeatureSet:
     clip = load_clip(cfg)
     bundle = dataset(cfg.dataset, cfg.data_root)
     text = zero_shot_text_features(clip, bundle.classnames, bundle.template)
-    features = encode_images(clip, split)
+    features = image_features(cfg, split, identity)
     logits = zero_shot_logits(clip, features, text)
     labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)
     inputs = model_inputs(cfg, split, features)
     return FeatureSet(inputs, labels.to(clip.device), logits.to(clip.device))
 
 
-def client_splits(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple:
-    """A client's (train, test) image splits: its own partition, nothing of others."""
+def _client_indices(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[np.ndarray, np.ndarray]:
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions - 1}]")
-    bundle = dataset(cfg.dataset, cfg.data_root)
     split = fedlt_split(cfg, num_partitions)
-    return bundle.train.subset(split.client_train[partition_id]), bundle.test.subset(split.client_test[partition_id])
+    return split.client_train[partition_id], split.client_test[partition_id]
+
+
+def client_splits(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple:
+    """A client's (train, test) image splits: its own partition, nothing of others."""
+    bundle = dataset(cfg.dataset, cfg.data_root)
+    train, test = _client_indices(cfg, partition_id, num_partitions)
+    return bundle.train.subset(train), bundle.test.subset(test)
 
 
 def client_feature_sets(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[FeatureSet, FeatureSet]:
     """A client's (train, test) feature sets: its own partition, nothing of others."""
+    train_idx, test_idx = _client_indices(cfg, partition_id, num_partitions)
     train, test = client_splits(cfg, partition_id, num_partitions)
-    return feature_set(cfg, train), feature_set(cfg, test)
+    return (
+        feature_set(cfg, train, f"train/{_digest(train_idx)}"),
+        feature_set(cfg, test, f"test/{_digest(test_idx)}"),
+    )
 
 
 def client_inputs(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +177,7 @@ def client_inputs(cfg: RunConfig, partition_id: int, num_partitions: int) -> tup
 
 def global_test_set(cfg: RunConfig) -> FeatureSet:
     """The balanced global test set (GM evaluation), prepared once."""
-    return feature_set(cfg, dataset(cfg.dataset, cfg.data_root).test)
+    return feature_set(cfg, dataset(cfg.dataset, cfg.data_root).test, "test/all")
 
 
 def stage1_options(cfg: RunConfig) -> Stage1Options:

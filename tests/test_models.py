@@ -32,7 +32,7 @@ from fedpurel_app.models import (
     zero_shot_text_features,
 )
 from fedpurel_app.models import pretrain as pretrain_mod
-from fedpurel_app.models.pretrain import _save_atomic
+from fedpurel_app.storage import save_tensors_atomic
 
 TINY = "fedpurel-tiny"
 QUICK_EPOCHS = 2  # for tests that need a checkpoint, not a good one
@@ -199,7 +199,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     monkeypatch.setattr(st, "save_file", broken_save)
     target = tmp_path / "x.safetensors"
     with pytest.raises(OSError):
-        _save_atomic({"a": torch.zeros(2)}, target, {})
+        save_tensors_atomic({"a": torch.zeros(2)}, target, {})
     assert list(tmp_path.iterdir()) == []
 
 

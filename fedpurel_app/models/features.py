@@ -62,7 +62,10 @@ def encode_images(clip: "Clip", split: Any, batch_size: int = 256) -> torch.Tens
     model.eval()
     try:
         chunks = []
-        for start in range(0, n, batch_size):
+        from tqdm import tqdm
+
+        starts = range(0, n, batch_size)
+        for start in tqdm(starts, desc="image features", unit="batch", disable=n < 4096, mininterval=5):
             x = preprocess_images(clip.preprocess, split, start, min(start + batch_size, n))
             feats = model.encode_image(x.to(device), normalize=True)
             chunks.append(feats.float().cpu())

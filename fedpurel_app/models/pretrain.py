@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..storage import file_lock, save_tensors_atomic
 from .features import preprocess_images
 
 __all__ = [
@@ -277,39 +277,6 @@ def embedded_checkpoint_path(
     return root / f"{_safe(model_name)}__{_safe(name)}__seed{seed}__ep{epochs}__{key[:16]}.safetensors"
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive inter-process lock on ``path`` (POSIX flock; a no-op where unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: atomic rename still prevents torn reads
-        yield
-        return
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _save_atomic(state_dict: dict, path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def train_embedded_model(
     model_name: str,
     dataset: Any,
@@ -376,7 +343,7 @@ def ensure_embedded_checkpoint(
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(path.with_name(path.name + ".lock")):
+    with file_lock(path.with_name(path.name + ".lock")):
         if path.is_file():  # another process finished it while we waited
             return path
         t0 = time.perf_counter()
@@ -394,6 +361,6 @@ def ensure_embedded_checkpoint(
         }
         # One metadata key: safetensors does not keep the order of several, and the file must
         # be bitwise reproducible.
-        _save_atomic(model.state_dict(), path, {"fedpurel": json.dumps(meta, sort_keys=True)})
+        save_tensors_atomic(model.state_dict(), path, {"fedpurel": json.dumps(meta, sort_keys=True)})
         log.info("pretrained embedded %s on %s in %.1f s -> %s", model_name, meta["dataset"], seconds, path)
     return path
