@@ -116,7 +116,7 @@ def personalize(msg: Message, context: Context) -> Message:
     cfg, peft, data, _, server_round, pid = _setup(msg, context)
     loss = train_private(
         peft, data, cfg.lam, cfg.personal_lr, cfg.personal_epochs, cfg.batch_size,
-        seeded_generator(cfg.seed, 2, server_round, pid),
+        seeded_generator(cfg.seed, 2, server_round, pid), task.precision(cfg),
     )
     context.state[PHI_K] = ArrayRecord(peft.private_state())
     metrics = MetricRecord({"num-examples": len(data), "residual-loss": loss})
@@ -130,15 +130,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     Replies the predictions and labels (integers) so that the server can pool
     Many / Medium / Few over clients; no parameters.
     """
-    _, peft, _, test, _, _ = _setup(msg, context)
+    cfg, peft, _, test, _, _ = _setup(msg, context)
     personalized = PHI_K in context.state.array_records
+    precision = task.precision(cfg)
     metrics = MetricRecord(
         {
             "num-examples": len(test),
             "personalized": int(personalized),
             "labels": test.labels.tolist(),
-            "pm-preds": predict(peft, test.features, personalized=personalized).tolist(),
-            "gm-preds": predict(peft, test.features).tolist(),
+            "pm-preds": predict(peft, test.features, personalized, precision).tolist(),
+            "gm-preds": predict(peft, test.features, False, precision).tolist(),
             "zs-preds": test.zero_shot_logits.argmax(dim=-1).tolist(),
         }
     )

@@ -53,6 +53,7 @@ class RunConfig(BaseModel):
     cache_dir: str = ""
     feature_cache: bool = True
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
     # --- PEFT ---
     peft: str = "prompt"

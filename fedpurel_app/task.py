@@ -191,21 +191,31 @@ def stage1_options(cfg: RunConfig) -> Stage1Options:
         tau_max=cfg.tau_max,
         tau_tol=cfg.tau_tol,
         tau_max_iter=cfg.tau_max_iter,
+        precision=precision(cfg),
     )
+
+
+def precision(cfg: RunConfig) -> str:
+    """The run's resolved mixed precision on its device (fp32 on CPU for ``auto``)."""
+    from .training import resolve_precision
+
+    return resolve_precision(cfg.precision, load_clip(cfg).device)
 
 
 def evaluate_global(cfg: RunConfig, peft: PeftVariant, test: FeatureSet, counts: np.ndarray) -> dict:
     """GM metrics of phi_g on the balanced test set, plus TKL(z || l_G) there."""
     from .metrics import gm_summary
     from .tkl import temperature_aligned_kl
-    from .training import predict
+    from .training import autocast
 
+    with torch.no_grad(), autocast(test.features.device, precision(cfg)):
+        logits = peft.global_logits(test.features).float()
     with torch.no_grad():
         divergence = temperature_aligned_kl(
-            peft.global_logits(test.features), test.zero_shot_logits,
+            logits, test.zero_shot_logits,
             tau_min=cfg.tau_min, tau_max=cfg.tau_max, tol=cfg.tau_tol, max_iter=cfg.tau_max_iter,
         )
-    preds = predict(peft, test.features).cpu().numpy()
+    preds = logits.argmax(dim=-1).cpu().numpy()
     summary = gm_summary(preds, test.labels.cpu().numpy(), counts, cfg.many_threshold, cfg.few_threshold)
     summary["tkl_to_zero_shot"] = float(divergence)
     return summary

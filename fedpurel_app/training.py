@@ -10,6 +10,8 @@ only pass them to ``peft.global_logits`` / ``peft.private_logits``.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +58,30 @@ class Stage1Options:
     tau_max: float = 20.0
     tau_tol: float = 1e-4
     tau_max_iter: int = 50
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (resolved, see resolve_precision)
+
+
+# Static loss scale for fp16 autocast: purification is invariant to scaling both
+# gradients by the same factor, so the losses are scaled before the backward
+# passes and the purified gradient is unscaled before the step.
+FP16_LOSS_SCALE = 1024.0
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"``: bf16 on a CUDA device that supports it, else fp16 on CUDA, fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed-precision forward passes; the PEFT parameters and their gradients stay fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclass
@@ -103,10 +129,13 @@ def stage1_step(
     plain CE step (the PromptFL / FedAvg-PEFT baseline).
     """
     params = peft.global_parameters()
-    logits = peft.global_logits(features)
+    with autocast(features.device, options.precision):
+        logits = peft.global_logits(features)
+    logits = logits.float()
     task_loss = F.cross_entropy(logits, labels)
+    scale = FP16_LOSS_SCALE if options.precision == "fp16" else 1.0
     if options.align == "none":
-        grads = torch.autograd.grad(task_loss, params)
+        grads = torch.autograd.grad(task_loss * scale, params)
         align_value, stats = 0.0, None
     else:
         align_loss = temperature_aligned_kl(
@@ -118,10 +147,15 @@ def stage1_step(
             tol=options.tau_tol,
             max_iter=options.tau_max_iter,
         )
-        task_grads = torch.autograd.grad(task_loss, params, retain_graph=True)
-        align_grads = torch.autograd.grad(align_loss, params, allow_unused=True)
+        task_grads = torch.autograd.grad(task_loss * scale, params, retain_graph=True)
+        align_grads = torch.autograd.grad(align_loss * scale, params, allow_unused=True)
         grads, stats = purify_gradients_with_stats(task_grads, align_grads, options.granularity)
         align_value = float(align_loss.detach())
+    if scale != 1.0:
+        grads = [grad / scale for grad in grads]
+        if not all(torch.isfinite(grad).all() for grad in grads):
+            optimizer.zero_grad(set_to_none=True)  # fp16 overflow: skip this step
+            return float(task_loss.detach()), align_value, stats
     for param, grad in zip(params, grads, strict=True):
         param.grad = grad
     optimizer.step()
@@ -167,6 +201,7 @@ def train_private(
     epochs: int,
     batch_size: int,
     generator: torch.Generator,
+    precision: str = "fp32",
 ) -> float:
     """Stage 2 on one client: train phi_k with phi_g frozen; returns the mean loss.
 
@@ -174,15 +209,25 @@ def train_private(
     plain SGD (no momentum, no weight decay, as the reference). l_G does not
     change during Stage 2, so it is computed once for the client's data.
     """
-    with torch.no_grad():
-        global_logits = peft.global_logits(data.features)
-    optimizer = torch.optim.SGD(peft.private_parameters(), lr=lr)
+    device = data.features.device
+    with torch.no_grad(), autocast(device, precision):
+        global_logits = peft.global_logits(data.features).float()
+    params = peft.private_parameters()
+    optimizer = torch.optim.SGD(params, lr=lr)
+    scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
     total, steps = 0.0, 0
     for _ in range(epochs):
         for idx in data.batches(batch_size, generator):
-            loss = residual_loss(global_logits[idx], peft.private_logits(data.features[idx]), data.labels[idx], lam)
+            with autocast(device, precision):
+                private_logits = peft.private_logits(data.features[idx])
+            loss = residual_loss(global_logits[idx], private_logits.float(), data.labels[idx], lam)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * scale).backward()
+            if scale != 1.0:
+                for param in params:
+                    param.grad /= scale
+                if not all(torch.isfinite(param.grad).all() for param in params):
+                    continue  # fp16 overflow: skip this step
             optimizer.step()
             total, steps = total + float(loss.detach()), steps + 1
     optimizer.zero_grad(set_to_none=True)
@@ -190,11 +235,14 @@ def train_private(
 
 
 @torch.no_grad()
-def predict(peft: PeftVariant, features: torch.Tensor, personalized: bool = False) -> torch.Tensor:
+def predict(
+    peft: PeftVariant, features: torch.Tensor, personalized: bool = False, precision: str = "fp32"
+) -> torch.Tensor:
     """Predicted classes with l_G, or with l_G + l_P when ``personalized``."""
-    logits = peft.global_logits(features)
-    if personalized:
-        logits = fuse_logits(logits, peft.private_logits(features))
+    with autocast(features.device, precision):
+        logits = peft.global_logits(features).float()
+        if personalized:
+            logits = fuse_logits(logits, peft.private_logits(features).float())
     return logits.argmax(dim=-1)
 
 

@@ -82,3 +82,35 @@ def test_stage2_trains_phi_k_only_and_fits_the_client(setup):
     assert torch.equal(model.global_state()["ctx"], global_before)
     assert not torch.equal(model.private_state()["ctx"], private_before)
     assert acc_after >= acc_before
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_keeps_fp32_master_parameters_and_tracks_fp32(setup, precision):
+    """Autocast forward passes (CPU autocast here, CUDA on GPUs): phi_g stays fp32 and the
+    update is close to the fp32 one; fp16 losses are scaled and the gradient unscaled."""
+    cfg, model, train, _ = setup
+    start = model.global_state()
+    results = {}
+    for mode in ("fp32", precision):
+        model.load_global_state(start)
+        options = Stage1Options(align="tkl", lr=0.05, momentum=0.0, weight_decay=0.0, precision=mode)
+        (ctx,) = model.global_parameters()
+        stage1_step(model, train.features[:16], train.labels[:16], train.zero_shot_logits[:16],
+                    torch.optim.SGD([ctx], lr=0.05), options)
+        assert ctx.dtype == torch.float32
+        results[mode] = model.global_state()["ctx"] - start["ctx"]
+    assert torch.isfinite(results[precision]).all()
+    assert torch.linalg.vector_norm(results[precision]) > 0
+    cosine = torch.nn.functional.cosine_similarity(results["fp32"].flatten(), results[precision].flatten(), dim=0)
+    assert cosine > 0.9, f"{precision} update points elsewhere than the fp32 one (cos {cosine:.3f})"
+    loss = train_private(model, train, 0.9, 0.05, 1, 8, seeded_generator(0, 2, 1, 0), precision)
+    assert loss == loss and all(p.dtype == torch.float32 for p in model.private_parameters())
+    preds = predict(model, train.features, True, precision)
+    assert preds.shape == train.labels.shape
+
+
+def test_auto_precision_is_fp32_on_cpu():
+    from fedpurel_app.training import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
