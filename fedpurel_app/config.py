@@ -37,7 +37,7 @@ class RunConfig(BaseModel):
     )
 
     # --- data: Fed-LT protocol (METHOD.md "Data protocol") ---
-    dataset: str = "mnist"
+    dataset: str = "mnist-animals"
     data_root: str = ""
     n_max: int = Field(150, ge=1)
     imbalance_factor: float = Field(100.0, ge=1.0)
@@ -68,10 +68,10 @@ class RunConfig(BaseModel):
     # --- Stage 1: global balanced training ---
     align: Literal["tkl", "kl", "none"] = "tkl"
     granularity: Literal["tensor", "flat"] = "tensor"
-    num_rounds: int = Field(20, ge=1)
+    num_rounds: int = Field(30, ge=1)
     local_epochs: int = Field(2, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.01, gt=0.0)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.05, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     fraction_train: float = Field(0.4, gt=0.0, le=1.0)
@@ -85,8 +85,8 @@ class RunConfig(BaseModel):
     # --- Stage 2: personalized residual learning ---
     personalization: Literal["post", "interleaved"] = "post"
     personal_rounds: int = Field(5, ge=0)
-    personal_epochs: int = Field(1, ge=1)
-    personal_lr: float = Field(0.01, gt=0.0)
+    personal_epochs: int = Field(4, ge=1)
+    personal_lr: float = Field(0.1, gt=0.0)
     lam: float = Field(0.9, ge=0.0, le=1.0)
 
     # --- evaluation and output ---

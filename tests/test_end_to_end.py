@@ -51,7 +51,7 @@ def test_default_schedule_writes_complete_results(tmp_path):
     for gm in (results["zero_shot"]["gm"], results["final"]["gm"]):
         for key in ("all", "many", "medium", "few", "balancedness"):
             assert 0.0 <= gm[key] <= 1.0
-        assert len(gm["per_class"]) == 10
+        assert len(gm["per_class"]) == 20
     assert set(results["final"]["gm_last10"]) >= {"all", "many", "medium", "few", "balancedness"}
     pm = results["final"]["pm"]
     assert 0.0 <= pm["all"] <= 1.0 and 0.0 <= pm["all_weighted"] <= 1.0 and pm["personalized"]

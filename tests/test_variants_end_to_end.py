@@ -19,7 +19,7 @@ def test_variant_runs_one_round_and_writes_complete_results(tmp_path, variant):
     for gm in (results["zero_shot"]["gm"], results["final"]["gm"]):
         for key in ("all", "many", "medium", "few", "balancedness"):
             assert 0.0 <= gm[key] <= 1.0
-        assert len(gm["per_class"]) == 10
+        assert len(gm["per_class"]) == 20
     pm = results["final"]["pm"]
     assert 0.0 <= pm["all"] <= 1.0 and pm["personalized"] and pm["num_clients"] == 4
     assert [(r["round"], r["phase"]) for r in results["rounds"]] == [(1, "global"), (2, "personal")]
