@@ -52,7 +52,7 @@ def run_inprocess(cfg: RunConfig, num_clients: int) -> dict:
                                  cfg.batch_size, seeded_generator(cfg.seed, 1, rnd, k))
             updates.append(model.global_state())
             weights.append(len(clients[k][0]))
-            conflict.append(stats.means()["conflict-rate"])
+            conflict.append(stats.means().get("conflict-rate", float("nan")))
         total = float(sum(weights))
         phi_g = {key: sum(u[key] * (w / total) for u, w in zip(updates, weights)) for key in phi_g}
         model.load_global_state(phi_g)

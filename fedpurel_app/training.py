@@ -91,26 +91,27 @@ class Stage1Stats:
     steps: int = 0
     task_loss: float = 0.0
     align_loss: float = 0.0
-    conflicts: float = 0.0  # sum over steps of the fraction of conflicting units
-    cosine: float = 0.0  # sum over steps of cos(g_task, g_align)
+    purified: int = 0  # steps that went through purification (none with align="none")
+    conflicts: float = 0.0  # sum over those steps of the fraction of conflicting units
+    cosine: float = 0.0  # sum over those steps of cos(g_task, g_align)
 
     def add(self, task_loss: float, align_loss: float, purification: PurificationStats | None) -> None:
         self.steps += 1
         self.task_loss += task_loss
         self.align_loss += align_loss
         if purification is not None:
+            self.purified += 1
             self.conflicts += purification.conflict
             self.cosine += purification.cosine
 
     def means(self) -> dict[str, float]:
+        """Mean losses; conflict rate and cosine only when purification ran."""
         n = max(self.steps, 1)
-        return {
-            "steps": float(self.steps),
-            "task-loss": self.task_loss / n,
-            "align-loss": self.align_loss / n,
-            "conflict-rate": self.conflicts / n,
-            "mean-cosine": self.cosine / n,
-        }
+        means = {"steps": float(self.steps), "task-loss": self.task_loss / n, "align-loss": self.align_loss / n}
+        if self.purified:
+            means["conflict-rate"] = self.conflicts / self.purified
+            means["mean-cosine"] = self.cosine / self.purified
+        return means
 
 
 def stage1_step(

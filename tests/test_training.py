@@ -114,3 +114,11 @@ def test_auto_precision_is_fp32_on_cpu():
 
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_purification_statistics_are_reported_only_when_purification_ran(setup):
+    cfg, model, train, _ = setup
+    plain = train_global(model, train, Stage1Options(align="none", lr=0.01), 1, 8, seeded_generator(0, 1, 9, 0))
+    assert "conflict-rate" not in plain.means() and "mean-cosine" not in plain.means()
+    purified = train_global(model, train, Stage1Options(align="tkl", lr=0.01), 1, 8, seeded_generator(0, 1, 9, 0))
+    assert 0.0 <= purified.means()["conflict-rate"] <= 1.0
