@@ -95,22 +95,16 @@ class RunConfig(BaseModel):
     output_dir: str = Field("outputs", min_length=1)
     round_timeout: float = Field(3600.0, gt=0.0)
 
-    @field_validator("dataset")
+    @field_validator("dataset", "peft")
     @classmethod
-    def _known_dataset(cls, name: str) -> str:
+    def _registered(cls, name: str, info) -> str:
+        """Datasets and PEFT variants are whatever their registries hold."""
         from .data import DATASETS
-
-        if name not in DATASETS:
-            raise ValueError(f"unknown dataset; choose one of {sorted(DATASETS)}")
-        return name
-
-    @field_validator("peft")
-    @classmethod
-    def _known_peft(cls, name: str) -> str:
         from .peft import PEFT_VARIANTS
 
-        if name not in PEFT_VARIANTS:
-            raise ValueError(f"unknown PEFT variant; choose one of {sorted(PEFT_VARIANTS)}")
+        registry = {"dataset": DATASETS, "peft": PEFT_VARIANTS}[info.field_name]
+        if name not in registry:
+            raise ValueError(f"unknown {info.field_name}; choose one of {sorted(registry)}")
         return name
 
     @field_validator("lora_targets")
