@@ -149,7 +149,8 @@ def _describe(error: dict[str, Any]) -> str:
         return f"unknown key '{loc}'{hint}"
     if not loc:  # a relation between keys (model_validator)
         return error["msg"].removeprefix("Value error, ")
-    return f"key '{loc}': value {error['input']!r} is invalid: {error['msg'].lower()}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"key '{loc}': value {error['input']!r} is invalid: {message[:1].lower()}{message[1:]}"
 
 
 def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
