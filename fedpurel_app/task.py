@@ -62,19 +62,28 @@ def load_clip(cfg: RunConfig) -> Clip:
 
 def fedlt_split(cfg: RunConfig, num_clients: int) -> FedLTSplit:
     """The Fed-LT split for ``num_clients`` clients: the same in every process."""
-    bundle = dataset(cfg.dataset, cfg.data_root)
-    return build_fedlt(
-        bundle.train.labels,
-        bundle.test.labels,
-        bundle.num_classes,
-        num_clients,
-        cfg.n_max,
-        cfg.imbalance_factor,
-        cfg.dirichlet_alpha,
-        cfg.min_client_samples,
-        cfg.client_test_size,
-        cfg.seed,
+    return _fedlt_split(
+        cfg.dataset, cfg.data_root, num_clients, cfg.n_max, cfg.imbalance_factor,
+        cfg.dirichlet_alpha, cfg.min_client_samples, cfg.client_test_size, cfg.seed,
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _fedlt_split(data: str, root: str, num_clients: int, *protocol) -> FedLTSplit:
+    bundle = dataset(data, root)
+    return build_fedlt(bundle.train.labels, bundle.test.labels, bundle.num_classes, num_clients, *protocol)
+
+
+def zero_shot_text(cfg: RunConfig) -> torch.Tensor:
+    """The frozen zero-shot classifier [C, D] of the dataset's template (cached per process)."""
+    return _zero_shot_text(cfg.model, cfg.pretrained, cfg.cache_dir, cfg.device, cfg.dataset, cfg.data_root)
+
+
+@functools.lru_cache(maxsize=2)
+def _zero_shot_text(*clip_key: str) -> torch.Tensor:
+    clip = _clip(*clip_key)
+    bundle = dataset(clip_key[-2], clip_key[-1])
+    return zero_shot_text_features(clip, bundle.classnames, bundle.template)
 
 
 def class_counts(cfg: RunConfig) -> np.ndarray:
@@ -137,7 +146,7 @@ def feature_set(cfg: RunConfig, split, identity: str) -> FeatureSet:
     """
     clip = load_clip(cfg)
     bundle = dataset(cfg.dataset, cfg.data_root)
-    text = zero_shot_text_features(clip, bundle.classnames, bundle.template)
+    text = zero_shot_text(cfg)
     features = image_features(cfg, split, identity)
     logits = zero_shot_logits(clip, features, text)
     labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)
