@@ -2,7 +2,9 @@
 
 Private state lives in ``context.state`` and never enters a reply:
 
-- ``fedpurel.phi_k``: the private residual branch phi_k (Stage 2);
+- ``fedpurel.phi_k``: the private residual branch phi_k (Stage 2); on a node
+  with a ``state-dir`` in its node-config it is also saved there after every
+  Stage-2 update (atomic, owner-only) and restored after a restart;
 - ``fedpurel.features``: this client's labels and zero-shot logits and, for
   variants that consume image features (prompt, adapter), those features,
   all computed once with the frozen image encoder. Variants that consume
@@ -21,12 +23,16 @@ Handlers:
 
 from __future__ import annotations
 
+from logging import WARNING
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
 from fedpurel_app import task
 from fedpurel_app.config import RunConfig, parse_run_config
 from fedpurel_app.peft import PeftVariant
+from fedpurel_app.state import NodeStateStore, StateError, run_state_key
 from fedpurel_app.training import FeatureSet, predict, seeded_generator, train_global, train_private
 
 PHI_K = "fedpurel.phi_k"
@@ -88,8 +94,34 @@ def _model(cfg: RunConfig, msg: Message, context: Context) -> PeftVariant:
     return peft
 
 
+def _store(cfg: RunConfig, context: Context) -> NodeStateStore | None:
+    """The node's durable private state folder (node-config ``state-dir``), if it has one."""
+    if not context.node_config.get("state-dir"):
+        return None
+    return NodeStateStore(str(context.node_config["state-dir"]), run_state_key(cfg, *_partition(context)))
+
+
+def _restore_phi_k(cfg: RunConfig, context: Context) -> None:
+    """After a SuperNode restart, continue with the phi_k saved in its state-dir.
+
+    A file written under another run config (or damaged) is not loaded: the
+    client starts Stage 2 afresh and overwrites it at its next save.
+    """
+    store = _store(cfg, context)
+    if store is None or PHI_K in context.state.array_records:
+        return
+    try:
+        saved = store.load("phi_k")
+    except StateError as err:
+        log(WARNING, "Ignoring the saved private state: %s", err)
+        return
+    if saved is not None:
+        context.state[PHI_K] = ArrayRecord(saved)
+
+
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, PeftVariant, FeatureSet, FeatureSet, int, int]:
     cfg = parse_run_config(context.run_config)
+    _restore_phi_k(cfg, context)
     train, test = _features(cfg, context)
     server_round = int(msg.content["config"]["server-round"])
     pid, _ = _partition(context)
@@ -119,6 +151,8 @@ def personalize(msg: Message, context: Context) -> Message:
         seeded_generator(cfg.seed, 2, server_round, pid), task.precision(cfg),
     )
     context.state[PHI_K] = ArrayRecord(peft.private_state())
+    if (store := _store(cfg, context)) is not None:
+        store.save("phi_k", peft.private_state())
     metrics = MetricRecord({"num-examples": len(data), "residual-loss": loss})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

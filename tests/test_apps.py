@@ -166,3 +166,24 @@ def test_personalization_and_evaluation_messages_go_to_every_node():
     assert {m.metadata.message_type for m in personalize} == {PERSONALIZE}
     evaluate = list(strategy.configure_evaluate(3, arrays, ConfigRecord(), grid))
     assert {m.metadata.message_type for m in evaluate} == {MessageType.EVALUATE}
+
+
+def test_phi_k_survives_a_node_restart_through_its_state_dir(phi_g, tmp_path):
+    node_config = {"partition-id": 2, "num-partitions": 4, "state-dir": str(tmp_path / "state")}
+    first = make_context(2)
+    first.node_config.update(node_config)
+    client.personalize(server_message(phi_g, PERSONALIZE), first)
+    saved = first.state.array_records[client.PHI_K].to_torch_state_dict()["ctx"]
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+
+    restarted = make_context(2)  # a fresh process: empty context.state, same state-dir
+    restarted.node_config.update(node_config)
+    reply = client.evaluate(server_message(phi_g, MessageType.EVALUATE, 5), restarted)
+    assert next(iter(reply.content.metric_records.values()))["personalized"] == 1
+    assert torch.equal(restarted.state.array_records[client.PHI_K].to_torch_state_dict()["ctx"], saved)
+
+    other_run = make_context(2)  # another config (seed): the saved phi_k is not loaded
+    other_run.node_config.update(node_config)
+    other_run.run_config["seed"] = 7
+    reply = client.evaluate(server_message(phi_g, MessageType.EVALUATE, 1), other_run)
+    assert next(iter(reply.content.metric_records.values()))["personalized"] == 0

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Run FedPuReL on the federation started by deploy/start.sh (or any SuperLink in
+# $FLWR_HOME/config.toml under the name $CONNECTION) and check that it completed.
+#
+#   bash deploy/run.sh                                   # the default run config
+#   bash deploy/run.sh "num-rounds=2 personal-rounds=1"  # any [tool.flwr.app.config] override
+#
+# OUTPUT_DIR ($DEPLOY_DIR/outputs): absolute folder the ServerApp writes results.json to
+# (on the SuperLink's host). Exits non-zero unless the run's final status is
+# finished:completed: `flwr run --stream` itself exits 0 even when the ServerApp failed.
+# The run ID is written to $DEPLOY_DIR/last-run-id (for `flwr log` / `flwr stop`).
+set -euo pipefail
+# shellcheck source=deploy/common.sh
+source "$(dirname "$0")/common.sh"
+cd "$FEDPUREL_REPO"
+[ -f "$FLWR_HOME/config.toml" ] || die "no connection in $FLWR_HOME/config.toml: bash deploy/start.sh first"
+output_dir=${OUTPUT_DIR:-$DEPLOY_DIR/outputs}
+mkdir -p "$output_dir"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+flwr run . "$CONNECTION" --stream --run-config "output-dir='$output_dir' ${1:-}" 2>&1 \
+  | grep --line-buffered -v -E "^(INFO|DEBUG):flwr:|^\s*$" | tee "$log"
+
+run_id=$(sed -n 's/.*Successfully started run \([0-9]*\).*/\1/p' "$log" | tail -n 1)
+[ -n "$run_id" ] || die "the run was not started (see the messages above)"
+echo "$run_id" >"$DEPLOY_DIR/last-run-id"
+status=""
+for _ in $(seq 30); do  # the stream can end a moment before the status is final
+  status=$(flwr ls "$CONNECTION" --run-id "$run_id" --format json \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["runs"][0]["status"])')
+  case $status in finished:*) break ;; esac
+  sleep 1
+done
+if [ "$status" != "finished:completed" ] || grep -q "run stopped before training" "$log"; then
+  die "run $run_id ended with status $status (its log: flwr log $run_id $CONNECTION --show)"
+fi
+echo "run $run_id: $status"
