@@ -11,6 +11,7 @@ what is accepted.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,7 @@ class RunConfig(BaseModel):
         populate_by_name=True,
         extra="forbid",
         frozen=True,
+        allow_inf_nan=False,  # lr = inf or round-timeout = nan is always a mistake
     )
 
     # --- data: Fed-LT protocol (METHOD.md "Data protocol") ---
@@ -95,6 +97,17 @@ class RunConfig(BaseModel):
     output_dir: str = Field("outputs", min_length=1)
     round_timeout: float = Field(3600.0, gt=0.0)
 
+    # --- resume ---
+    resume_from: str = ""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info) -> Any:
+        """``num-rounds = true`` would silently mean 1: only bool knobs take true/false."""
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+            raise ValueError("true/false is only accepted by on/off keys")
+        return value
+
     @field_validator("dataset", "peft")
     @classmethod
     def _registered(cls, name: str, info) -> str:
@@ -117,15 +130,9 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_relations(self) -> RunConfig:
-        if self.tau_min >= self.tau_max:
-            raise ValueError(
-                f"tau-min ({self.tau_min}) must be smaller than tau-max ({self.tau_max})"
-            )
-        if self.few_threshold > self.many_threshold:
-            raise ValueError(
-                f"few-threshold ({self.few_threshold}) must not exceed "
-                f"many-threshold ({self.many_threshold})"
-            )
+        problems = relation_problems(self.model_dump())
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def to_flower(self) -> dict[str, Any]:
@@ -141,14 +148,38 @@ class RunConfig(BaseModel):
 KNOWN_KEYS = tuple(_to_kebab(name) for name in RunConfig.model_fields)
 
 
+def relation_problems(values: Mapping[str, Any], skip: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """Violated relations between keys, from snake_case ``values`` (missing ones: defaults).
+
+    A relation is only checked when both of its values are plain finite numbers,
+    so that it can be reported next to the field errors of other keys (a bad
+    value of one of the two, named in ``skip``, is reported as a field error instead).
+    """
+
+    def number(name: str) -> float | None:
+        if name in skip:
+            return None
+        value = values.get(name, RunConfig.model_fields[name].default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        return float(value)
+
+    problems = []
+    tau_min, tau_max = number("tau_min"), number("tau_max")
+    if tau_min is not None and tau_max is not None and tau_min >= tau_max:
+        problems.append(f"tau-min ({tau_min}) must be smaller than tau-max ({tau_max})")
+    few, many = number("few_threshold"), number("many_threshold")
+    if few is not None and many is not None and few > many:
+        problems.append(f"few-threshold ({few}) must not exceed many-threshold ({many})")
+    return problems
+
+
 def _describe(error: dict[str, Any]) -> str:
     loc = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(loc, KNOWN_KEYS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"unknown key '{loc}'{hint}"
-    if not loc:  # a relation between keys (model_validator)
-        return error["msg"].removeprefix("Value error, ")
     message = error["msg"].removeprefix("Value error, ")
     return f"key '{loc}': value {error['input']!r} is invalid: {message[:1].lower()}{message[1:]}"
 
@@ -158,10 +189,20 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
 
     Raises :class:`ConfigError` listing every problem, one per line.
     """
+    raw = dict(run_config)
     try:
-        return RunConfig.model_validate(dict(run_config))
+        return RunConfig.model_validate(raw)
     except ValidationError as err:
-        problems = [_describe(e) for e in err.errors()]
+        problems = [_describe(e) for e in err.errors() if e["loc"]]
+        relations = [e for e in err.errors() if not e["loc"]]
+        if relations:  # the model validator ran: every field was valid
+            problems += relations[0]["msg"].removeprefix("Value error, ").split("; ")
+        else:
+            # pydantic skips the model validator after a field error: check the
+            # relations on the raw values so that they are reported all the same.
+            bad = {str(e["loc"][0]) for e in err.errors() if e["loc"]}
+            snake = {str(k).replace("-", "_"): v for k, v in raw.items()}
+            problems += relation_problems(snake, skip={k.replace("-", "_") for k in bad})
         raise ConfigError(
             "Invalid run config:\n  - "
             + "\n  - ".join(problems)

@@ -3,6 +3,11 @@
 The round loop is spelled out here (rather than ``FedAvg.start``) because a
 FedPuReL run has two phases and, in the ``interleaved`` schedule, a Stage-2
 exchange inside every Stage-1 round.
+
+After every round the server checkpoints phi_g, the round and the results so
+far under ``<run dir>/checkpoint/`` (:mod:`fedpurel_app.checkpoint`);
+``resume-from = "<run dir>"`` continues such a run at the next round, in the
+same folder. Client-side state (phi_k, cached features) stays on the clients.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedpurel_app import task
+from fedpurel_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedpurel_app.config import RunConfig, parse_run_config
 from fedpurel_app.metrics import pm_summary
 from fedpurel_app.results import RunRecorder, new_run_dir
@@ -33,21 +39,37 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = parse_run_config(context.run_config)
         setup = _Setup(cfg)
-    except ValueError as err:  # ConfigError, ModelLoadError, an impossible Fed-LT split...
+    except ValueError as err:  # ConfigError, ModelLoadError, an impossible Fed-LT split, CheckpointError...
         log(ERROR, "FedPuReL run stopped before training: %s", err)
         return
     _run(grid, cfg, setup)
 
 
 class _Setup:
-    """Everything the server needs before round 1: the model, the test set, the output folder."""
+    """Everything the server needs before round 1: the model, the test set, the output folder.
+
+    With ``resume-from``: the checkpoint of that run folder (checked against the
+    config), whose results the recorder continues in the same folder.
+    """
 
     def __init__(self, cfg: RunConfig) -> None:
         self.peft = task.build_model(cfg)
         self.test = task.global_test_set(cfg)
         self.counts = task.class_counts(cfg)
-        label = f"{cfg.peft}-{cfg.align}-{cfg.personalization}-seed{cfg.seed}"
-        self.recorder = RunRecorder(new_run_dir(cfg.resolved_output_dir(APP_DIR), label), cfg.to_flower())
+        self.resumed: Checkpoint | None = None
+        if cfg.resume_from:
+            run_dir = Path(cfg.resume_from).expanduser()
+            run_dir = run_dir if run_dir.is_absolute() else (APP_DIR / run_dir).resolve()
+            shapes = {k: tuple(v.shape) for k, v in self.peft.global_state().items()}
+            self.resumed = load_checkpoint(run_dir, cfg.to_flower(), shapes)
+            self.recorder = RunRecorder(run_dir, self.resumed.results["config"])
+            self.recorder.data = self.resumed.results
+            rounds = self.recorder.data["rounds"]
+            self.recorder.started -= rounds[-1]["wall_time"] if rounds else 0.0
+            self.recorder.data.setdefault("resumed_after_rounds", []).append(self.resumed.round)
+        else:
+            label = f"{cfg.peft}-{cfg.align}-{cfg.personalization}-seed{cfg.seed}"
+            self.recorder = RunRecorder(new_run_dir(cfg.resolved_output_dir(APP_DIR), label), cfg.to_flower())
 
 
 def _pm(cfg: RunConfig, counts: np.ndarray, records: list[MetricRecord]) -> dict | None:
@@ -94,13 +116,23 @@ def _run(grid: Grid, cfg: RunConfig, setup: _Setup) -> None:
         setup.peft.load_global_state(arrays.to_torch_state_dict())
         return task.evaluate_global(cfg, setup.peft, setup.test, counts)
 
-    zero_shot_pm = evaluate_pm(0)
-    recorder.zero_shot(task.evaluate_zero_shot(cfg, setup.test, counts), zero_shot_pm and zero_shot_pm["zero_shot"])
+    def checkpoint(rnd: int, phase: str) -> None:
+        save_checkpoint(recorder.run_dir, rnd, phase, arrays.to_torch_state_dict(), cfg.to_flower(), recorder.data)
+
+    done = 0  # the last completed round
+    if setup.resumed is not None:
+        done, arrays = setup.resumed.round, ArrayRecord(setup.resumed.phi_g)
+        log(INFO, "[fedpurel] resuming %s after round %d (%s phase)", recorder.run_dir, done, setup.resumed.phase)
+    else:
+        zero_shot_pm = evaluate_pm(0)
+        recorder.zero_shot(
+            task.evaluate_zero_shot(cfg, setup.test, counts), zero_shot_pm and zero_shot_pm["zero_shot"]
+        )
     zs = recorder.data["zero_shot"]["gm"]
     log(INFO, "[fedpurel] zero-shot   GM all %s few %s", _fmt(zs["all"]), _fmt(zs["few"]))
 
     total = cfg.num_rounds + (cfg.personal_rounds if cfg.personalization == "post" else 0)
-    for rnd in range(1, cfg.num_rounds + 1):
+    for rnd in range(done + 1, cfg.num_rounds + 1):
         replies = exchange(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
         arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if cfg.personalization == "interleaved":
@@ -112,6 +144,7 @@ def _run(grid: Grid, cfg: RunConfig, setup: _Setup) -> None:
         if train is not None:
             train["clients"] = len(strategy.last_sampled)
         recorder.add_round(rnd, "global", gm=gm, pm=pm, train=train)
+        checkpoint(rnd, "global")
         log(
             INFO,
             "[fedpurel] round %d/%d global    GM all %s few %s | conflict %s | %.1fs",
@@ -120,12 +153,13 @@ def _run(grid: Grid, cfg: RunConfig, setup: _Setup) -> None:
         )
 
     if cfg.personalization == "post":
-        for step in range(1, cfg.personal_rounds + 1):
+        for step in range(max(1, done - cfg.num_rounds + 1), cfg.personal_rounds + 1):
             rnd = cfg.num_rounds + step
             exchange(strategy.configure_personalize(rnd, arrays, grid))
             due = step % cfg.eval_every == 0 or step == cfg.personal_rounds
             pm = evaluate_pm(rnd) if due else None
             recorder.add_round(rnd, "personal", pm=pm)
+            checkpoint(rnd, "personal")
             log(INFO, "[fedpurel] round %d/%d personal  PM all %s | %.1fs",
                 rnd, total, _fmt(pm and pm["all"]), recorder.elapsed())
     if not any("pm" in r for r in recorder.data["rounds"]):

@@ -101,7 +101,7 @@ class FedPuReLStrategy(FedAvg):
         values, and a whole positive ``num-examples`` no larger than ``max_examples``.
         """
         if msg.has_error():
-            return f"the client reported an error: {msg.error.reason}"
+            return f"error reply: {msg.error.reason}"
         records = list(msg.content.array_records.values())
         if len(records) != 1:
             return f"expected one ArrayRecord (phi_g), got {len(records)}"
@@ -138,6 +138,9 @@ class FedPuReLStrategy(FedAvg):
             else:
                 log(WARNING, "Round %d: dropped the reply of node %d: %s",
                     server_round, msg.metadata.src_node_id, problem)
+        missing = sorted(set(self.last_sampled) - {msg.metadata.src_node_id for msg in kept})
+        if missing:
+            log(WARNING, "Round %d: no valid update from sampled node(s) %s", server_round, missing)
         if len(kept) < self.min_valid_replies:
             raise RuntimeError(
                 f"round {server_round}: only {len(kept)} valid client update(s), "

@@ -253,6 +253,13 @@ def build_fedlt(
     lt_labels = train_labels[lt]
     parts = dirichlet_split(lt_labels, num_clients, alpha, min_samples, _rng(seed, _STREAM_DIRICHLET))
     client_train = tuple(np.sort(lt[p]) for p in parts)
+    empty = [k for k, ct in enumerate(client_train) if len(ct) == 0]
+    if empty:  # only reachable with min_samples = 0 (the run config asks for >= 1)
+        raise ValueError(
+            f"Fed-LT split: client(s) {empty} received no train samples (min_samples={min_samples}); "
+            "a client needs at least one sample to train and to draw its test set: "
+            "raise min-client-samples (>= 1) or dirichlet-alpha, or use fewer clients"
+        )
     client_test = tuple(
         client_test_indices(
             train_labels[ct], test_labels, num_classes, client_test_size,
