@@ -271,6 +271,9 @@ def create_clip(
 
     register_model_configs()
     dev = resolve_device(device)
+    folder = Path(os.path.expanduser(str(pretrained or ""))) if pretrained else None
+    if folder is not None and folder.is_dir():
+        return _load_folder(model_name, folder, dev)
     if open_clip.get_model_config(model_name) is None:
         raise ModelLoadError(
             f"unknown model '{model_name}'; known open_clip configs: {', '.join(open_clip.list_models())}"
@@ -299,3 +302,23 @@ def _load_file(model_name: str, path: str, device: torch.device) -> Clip:
         return _build(model_name, path, device, path)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"could not load checkpoint {path} into '{model_name}': {_short(e)}") from e
+
+
+def _load_folder(model_name: str, folder: Path, device: torch.device) -> Clip:
+    """A checkpoint folder in open_clip's layout: ``open_clip_config.json`` (model and
+    preprocessing config) beside ``open_clip_model.safetensors`` (or ``open_clip_pytorch_model.bin``);
+    loaded through open_clip's ``local-dir:`` schema. The folder's config defines the model."""
+    if not (folder / "open_clip_config.json").is_file():
+        raise ModelLoadError(
+            f"checkpoint folder {folder} has no open_clip_config.json: give a folder in open_clip's "
+            "layout (open_clip_config.json + open_clip_model.safetensors) or the weights file itself"
+        )
+    weights = [p for p in sorted(folder.iterdir()) if p.name.startswith("open_clip_") and p.suffix in (".safetensors", ".bin", ".pth")]
+    if not weights:
+        raise ModelLoadError(f"checkpoint folder {folder} has no open_clip_model.safetensors (or open_clip_pytorch_model.bin)")
+    try:
+        clip = _build(f"local-dir:{folder}", None, device, str(weights[0]))
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"could not load the checkpoint folder {folder}: {type(e).__name__}: {e}") from e
+    clip.name = model_name if model_name != DEFAULT_MODEL else folder.name
+    return clip
