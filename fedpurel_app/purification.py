@@ -13,8 +13,9 @@ i.e. the component of the task gradient that conflicts with the alignment
 direction is projected out. ``g_align`` itself is never added. The epsilon
 guards ``||g_align|| = 0`` (the reference produces NaN there).
 
-Dot products and norms are computed in float32 (float64 for float64 input);
-each purified gradient is returned in the dtype of its task gradient.
+Dot products and norms are computed in float64 (no overflow for any finite
+float32 gradient); the projection runs in float32 (float64 for float64 input)
+and each purified gradient is returned in the dtype of its task gradient.
 """
 
 from __future__ import annotations
@@ -114,8 +115,10 @@ def _purify(
     acc = _acc_dtype(*(t for pair in pairs for t in pair[:2]))
     dots, task_sq, align_sq = [], [], []
     for gt, ga, _ in pairs:
-        gt_a = gt.detach().to(acc)
-        ga_a = ga.detach().to(acc)
+        # Inner products in float64: squared norms of float32 gradients above ~1.8e19
+        # overflow float32 and would turn the projection into NaN.
+        gt_a = gt.detach().to(torch.float64)
+        ga_a = ga.detach().to(torch.float64)
         dots.append((gt_a * ga_a).sum().to(device))
         task_sq.append((gt_a * gt_a).sum().to(device))
         align_sq.append((ga_a * ga_a).sum().to(device))
@@ -130,9 +133,22 @@ def _purify(
         unit_dot = dot_t.sum().expand_as(dot_t)
         unit_sq = align_sq_t.sum().expand_as(dot_t)
     conflict = unit_dot < 0
-    coef = torch.where(conflict, unit_dot / (unit_sq + eps), torch.zeros_like(unit_dot))
+    coef = torch.where(conflict, unit_dot / (unit_sq + eps), torch.zeros_like(unit_dot)).to(acc)
 
     purified: list[Tensor] = []
+    if device.type == "cpu" and all(t.device.type == "cpu" for pair in pairs for t in pair[:2]):
+        # On the CPU reading the conflict flags costs nothing (no device to wait
+        # for), and branching on them skips the projection of the tensors that do
+        # not conflict and the select of those that do: the same values as the
+        # torch.where path below, in fewer (tiny) operations.
+        for flag, c, (gt, ga, task_was_none) in zip(conflict.tolist(), coef, pairs):
+            out_dtype = ga.dtype if task_was_none else gt.dtype
+            if flag:
+                purified.append((gt.to(acc) - c * ga.to(acc)).to(out_dtype))
+            else:
+                purified.append(gt.to(out_dtype, copy=True))
+        unit_conflicts = conflict if granularity == "tensor" else conflict[:1]
+        return purified, unit_conflicts, dot_t.sum(), task_sq_t.sum(), align_sq_t.sum()
     for i, (gt, ga, task_was_none) in enumerate(pairs):
         out_dtype = ga.dtype if task_was_none else gt.dtype
         c = coef[i].to(gt.device)

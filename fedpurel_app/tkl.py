@@ -133,16 +133,17 @@ def solve_temperature(
 
         def h_at(tau: Tensor) -> Tensor:
             # entropy() inlined (same operations, same values) with fewer
-            # temporaries: this runs ~2 x 18 times per Stage-1 step.
-            logp = F.log_softmax(x / tau.unsqueeze(-1), dim=-1)
+            # temporaries: this runs ~18 times per Stage-1 step. ``tau`` is a
+            # column [..., 1], as is the result (-H: the negation is exact).
+            logp = F.log_softmax(x / tau, dim=-1)
             p = logp.exp()
-            return torch.where(p > 0, p * logp, 0.0).sum(dim=-1)  # -H (negation is exact)
+            return torch.where(p > 0, p * logp, 0.0).sum(dim=-1, keepdim=True)
 
-        lo = torch.full(batch_shape, tau_min, dtype=dtype, device=x.device)
-        hi = torch.full(batch_shape, tau_max, dtype=dtype, device=x.device)
-        h_lo = -h_at(lo)
-        h_hi = -h_at(hi)
-        neg_target = -target
+        lo = torch.full((*batch_shape, 1), tau_min, dtype=dtype, device=x.device)
+        hi = torch.full((*batch_shape, 1), tau_max, dtype=dtype, device=x.device)
+        h_lo = -h_at(lo).squeeze(-1)
+        h_hi = -h_at(hi).squeeze(-1)
+        neg_target = (-target).unsqueeze(-1)
 
         width = tau_max - tau_min
         n_iter = 0 if width < tol else min(max_iter, math.ceil(math.log2(width / tol)))
@@ -151,12 +152,12 @@ def solve_temperature(
             below = h_at(mid) > neg_target  # H(mid) < target
             lo = torch.where(below, mid, lo)
             hi = torch.where(below, hi, mid)
-        tau = 0.5 * (lo + hi)
+        tau = (0.5 * (lo + hi)).squeeze(-1)
 
-        tau = torch.where(target <= h_lo, torch.full_like(tau, tau_min), tau)
-        tau = torch.where(target >= h_hi, torch.full_like(tau, tau_max), tau)
+        tau = torch.where(target <= h_lo, tau_min, tau)
+        tau = torch.where(target >= h_hi, tau_max, tau)
         flat = (h_hi - h_lo).abs() <= _FLAT_ENTROPY_SPAN
-        tau = torch.where(flat, torch.full_like(tau, FLAT_TAU), tau)
+        tau = torch.where(flat, FLAT_TAU, tau)
         # Non-finite logits can make h_lo/h_hi NaN; never return NaN.
         tau = torch.nan_to_num(tau, nan=FLAT_TAU).clamp(tau_min, tau_max)
     return tau.detach()

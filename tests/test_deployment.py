@@ -327,3 +327,27 @@ def test_a_supernode_killed_during_stage_1_and_the_run_completes_with_the_others
     while time.monotonic() < deadline and victim_id not in fed.online():
         time.sleep(1)
     assert victim_id in fed.online(), fed.log(f"supernode-{victim}")[-3000:]
+
+
+def test_a_restarted_supernode_keeps_its_phi_k_on_disk(fed):
+    """After (a) every node saved phi_k in its state-dir; the node killed and restarted in (b)
+    still has that file, unchanged and owner-only, and a new run's ClientApp (a fresh process
+    with an empty context.state) personalizes with it: every node, the restarted one included,
+    reports a personalized prediction although this run trains no Stage 2."""
+    import hashlib
+
+    victim = NUM_NODES - 1
+    phi_k = fed.dir / "nodes" / str(victim) / "state" / "phi_k.safetensors"
+    assert phi_k.is_file(), "run (a) did not save phi_k in the node's state-dir"
+    assert phi_k.stat().st_mode & 0o777 == 0o600
+    before = hashlib.sha256(phi_k.read_bytes()).hexdigest()
+    out_dir = fed.dir / "outputs-restart"
+    proc = subprocess.run(
+        ["bash", str(REPO / "deploy" / "run.sh"), KILL_RUN.replace("min-nodes=2", "min-nodes=3")], cwd=REPO,
+        env={**fed.env, "OUTPUT_DIR": str(out_dir)}, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    pm = _results(out_dir)["final"]["pm"]
+    assert pm["num_clients"] == NUM_NODES
+    assert pm["personalized_clients"] == NUM_NODES, "a node lost its phi_k across the restart"
+    assert hashlib.sha256(phi_k.read_bytes()).hexdigest() == before

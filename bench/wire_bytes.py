@@ -1,0 +1,119 @@
+"""Bytes on the wire per client per round vs the size of phi_g (and of phi_k: none), per PEFT variant.
+
+The ClientApp's handlers are called in this process on real messages (as
+tests/test_apps.py does: ``client_app.app.train / personalize / evaluate`` with
+a TaskIdentity set), and their replies are serialised with Flower's own code
+(flwr 1.41):
+
+- "objects": the inflatable-object API Flower 1.41 uses to push a message: the
+  sum of ``deflate()`` over the message and all its nested objects
+  (RecordDict, ArrayRecord, Array, ArrayChunk, MetricRecord, ...), i.e. what
+  the SuperNode uploads (object ids and headers included, gRPC framing not;
+  objects with equal content share an id and are counted once, as Flower sends
+  them once: e.g. LoRA's B = 0 matrices of the initial phi_g in the downlink);
+- "proto": ``flwr.common.serde.message_to_proto(msg).SerializeToString()``,
+  the whole message as one protobuf.
+
+The ratio is reply bytes / raw bytes of phi_g's tensors (target <= 1.05x for a
+Stage-1 reply). phi_k's bytes are searched for in every serialised reply
+(target: 0 occurrences). The downlink (server -> client, phi_g + round) is
+printed for information.
+
+    python bench/wire_bytes.py [--variants prompt,adapter,lora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.common.serde import message_to_proto  # noqa: E402
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from client_app import app as client  # noqa: E402
+from fedpurel_app import task  # noqa: E402
+from fedpurel_app.config import parse_run_config  # noqa: E402
+from server_app.strategy import PERSONALIZE  # noqa: E402
+
+RUN = {"num-rounds": 2, "personal-rounds": 1, "local-epochs": 1, "client-test-size": 30}
+
+
+def object_bytes(msg: Message) -> tuple[int, bytes]:
+    objects = get_all_nested_objects(msg)
+    blobs = [obj.deflate() for obj in objects.values()]
+    return sum(len(b) for b in blobs), b"".join(blobs)
+
+
+def proto_bytes(msg: Message) -> bytes:
+    return message_to_proto(msg).SerializeToString()
+
+
+def raw_bytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def server_message(phi_g: dict, message_type: str, server_round: int) -> Message:
+    content = RecordDict({"arrays": ArrayRecord(phi_g), "config": ConfigRecord({"server-round": server_round})})
+    return Message(content, dst_node_id=100, message_type=message_type)
+
+
+def contains(blob: bytes, state: dict) -> int:
+    """Occurrences of any phi_k tensor's raw bytes (or a 64-byte window of it) in blob."""
+    hits = 0
+    for tensor in state.values():
+        raw = tensor.detach().cpu().numpy().astype(np.float32).tobytes()
+        hits += blob.count(raw) + (blob.count(raw[:64]) if len(raw) > 64 else 0)
+    return hits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="prompt,adapter,lora")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        setattr(TaskIdentity, name, value)
+    print(f"config: embedded default with {RUN}, client 0 of 4; flwr serialisation: deflated objects "
+          "(what 1.41 pushes) and message_to_proto")
+    for variant in args.variants.split(","):
+        run = dict(RUN, peft=variant)
+        phi_g = task.build_model(parse_run_config(run)).global_state()
+        context = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": 4},
+                          state=RecordDict(), run_config=run)
+        down = server_message(phi_g, MessageType.TRAIN, 2)
+        personalize = client.personalize(server_message(phi_g, PERSONALIZE, 1), context)
+        phi_k = context.state.array_records[client.PHI_K].to_torch_state_dict()
+        train = client.train(down, context)
+        evaluate = client.evaluate(server_message(phi_g, MessageType.EVALUATE, 2), context)
+        raw = raw_bytes(phi_g)
+        print(f"{variant}: phi_g {raw} B raw ({sum(t.numel() for t in phi_g.values())} float32 in "
+              f"{len(phi_g)} tensors); phi_k {raw_bytes(phi_k)} B raw, stays on the client")
+        n_down, _ = object_bytes(down)
+        print(f"  downlink train request     objects {n_down:>7d} B ({n_down / raw:.3f}x phi_g) | "
+              f"proto {len(proto_bytes(down)):>7d} B")
+        for label, reply in (("train reply (Stage 1)", train), ("personalize reply", personalize),
+                             ("evaluate reply", evaluate)):
+            n_obj, blob = object_bytes(reply)
+            proto = proto_bytes(reply)
+            hits = contains(blob + proto, phi_k)
+            ratio = f"{n_obj / raw:.3f}x phi_g" if label.startswith("train") else "metrics only"
+            print(f"  {label:26s} objects {n_obj:>7d} B ({ratio}) | proto {len(proto):>7d} B "
+                  f"({len(proto) / raw:.3f}x) | phi_k bytes found: {hits}")
+        n_train, _ = object_bytes(train)
+        print(f"  => Stage-1 uplink per client per round: {n_train} B = {n_train / raw:.3f}x phi_g "
+              f"(target <= 1.05x), overhead {n_train - raw} B; phi_k on the wire: 0 B", flush=True)
+
+
+if __name__ == "__main__":
+    main()
