@@ -86,6 +86,7 @@ def _pm(cfg: RunConfig, counts: np.ndarray, records: list[MetricRecord]) -> dict
     result["global"] = {k: v for k, v in summary("gm-preds").items() if k in ("all", "all_weighted", "few")}
     result["zero_shot"] = summary("zs-preds")
     result["personalized"] = all(int(r["personalized"]) for r in records)
+    result["personalized_clients"] = sum(int(r["personalized"]) for r in records)
     return result
 
 
@@ -101,6 +102,7 @@ def _run(grid: Grid, cfg: RunConfig, setup: _Setup) -> None:
         min_available_nodes=cfg.min_nodes,
         seed=cfg.seed,
         max_examples=int(setup.counts.sum()),
+        num_classes=len(setup.counts),
     )
     recorder, counts = setup.recorder, setup.counts
     arrays = ArrayRecord(setup.peft.global_state())

@@ -37,6 +37,7 @@ class FedPuReLStrategy(FedAvg):
         seed: int = 0,
         max_examples: int = 10**9,
         min_valid_replies: int = 1,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -50,6 +51,7 @@ class FedPuReLStrategy(FedAvg):
         self.seed = seed
         self.max_examples = max_examples
         self.min_valid_replies = min_valid_replies
+        self.num_classes = num_classes
         self.last_sampled: list[int] = []
 
     def _nodes(self, grid: Grid) -> list[int]:
@@ -119,7 +121,12 @@ class FedPuReLStrategy(FedAvg):
                 return f"phi_g['{key}'] contains NaN or Inf"
         metrics = list(msg.content.metric_records.values())
         count = metrics[0].get(self.weighted_by_key) if len(metrics) == 1 else None
-        if not isinstance(count, (int, float)) or count != int(count) or not 0 < count <= self.max_examples:
+        if (
+            not isinstance(count, (int, float))
+            or not np.isfinite(count)  # int(inf) would raise: a poisoned count must not crash the round
+            or count != int(count)
+            or not 0 < count <= self.max_examples
+        ):
             return f"'{self.weighted_by_key}' is {count!r}, expected a whole number in [1, {self.max_examples}]"
         return None
 
@@ -148,7 +155,40 @@ class FedPuReLStrategy(FedAvg):
             )
         return super().aggregate_train(server_round, kept)
 
+    def evaluate_problem(self, msg: Message) -> str | None:
+        """Why an evaluation reply must not be pooled, or None when it is well-formed.
+
+        Checked: one MetricRecord with ``labels``, ``pm-preds``, ``gm-preds`` and
+        ``zs-preds`` as lists of the same length ``num-examples``, class indices in
+        ``[0, num_classes)``, and ``personalized`` 0 or 1.
+        """
+        records = list(msg.content.metric_records.values())
+        if len(records) != 1:
+            return f"expected one MetricRecord, got {len(records)}"
+        metrics = records[0]
+        keys = ("labels", "pm-preds", "gm-preds", "zs-preds")
+        if missing := [k for k in (*keys, "num-examples", "personalized") if k not in metrics]:
+            return f"missing metrics {missing}"
+        n = metrics["num-examples"]
+        high = self.num_classes if self.num_classes is not None else np.iinfo(np.int64).max
+        for key in keys:
+            values = metrics[key]
+            if not isinstance(values, list) or len(values) != n:
+                return f"'{key}' is not a list of num-examples ({n!r}) values"
+            if not all(isinstance(v, int) and 0 <= v < high for v in values):
+                return f"'{key}' holds values that are not class indices in [0, {high})"
+        if metrics["personalized"] not in (0, 1):
+            return f"'personalized' is {metrics['personalized']!r}, expected 0 or 1"
+        return None
+
     def evaluate_replies(self, replies: Iterable[Message]) -> list[MetricRecord]:
-        """The metric records of the successful evaluation replies."""
+        """The metric records of the successful, well-formed evaluation replies; others are logged."""
         valid, _ = self._check_and_log_replies(list(replies), is_train=False, validate=False)
-        return [next(iter(msg.content.metric_records.values())) for msg in valid]
+        kept = []
+        for msg in valid:
+            problem = self.evaluate_problem(msg)
+            if problem is None:
+                kept.append(next(iter(msg.content.metric_records.values())))
+            else:
+                log(WARNING, "Dropped the evaluation reply of node %d: %s", msg.metadata.src_node_id, problem)
+        return kept

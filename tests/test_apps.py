@@ -113,6 +113,8 @@ BAD_REPLIES = {
     "negative examples": (GOOD, -5),
     "fractional examples": (GOOD, 2.5),
     "absurd examples": (GOOD, 10**12),
+    "Inf examples": (GOOD, float("inf")),
+    "NaN examples": (GOOD, float("nan")),
 }
 
 
