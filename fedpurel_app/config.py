@@ -41,7 +41,7 @@ class RunConfig(BaseModel):
     # --- data: Fed-LT protocol (METHOD.md "Data protocol") ---
     dataset: str = "mnist-animals"
     data_root: str = ""
-    n_max: int = Field(150, ge=1)
+    n_max: int = Field(150, ge=0)
     imbalance_factor: float = Field(100.0, ge=1.0)
     dirichlet_alpha: float = Field(1.0, gt=0.0)
     min_client_samples: int = Field(4, ge=1)

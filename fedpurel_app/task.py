@@ -88,6 +88,10 @@ def _zero_shot_text(*clip_key: str) -> torch.Tensor:
 
 def class_counts(cfg: RunConfig) -> np.ndarray:
     """Global long-tailed train count per class (for Many / Medium / Few)."""
+    return fedlt_split(cfg, 1).class_counts if cfg.n_max == 0 else _profile_counts(cfg)
+
+
+def _profile_counts(cfg: RunConfig) -> np.ndarray:
     from .data.fedlt import long_tail_counts
 
     bundle = dataset(cfg.dataset, cfg.data_root)

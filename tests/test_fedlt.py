@@ -218,3 +218,14 @@ def test_build_fedlt_stable_across_processes():
     _, _, s = _build(0)
     here = ";".join(",".join(map(str, c.tolist())) for c in s.client_train + s.client_test)
     assert out == here
+
+
+def test_n_max_zero_takes_the_pool_as_it_is():
+    """For ImageNet-LT / Places-LT the standard train list already is long-tailed."""
+    from fedpurel_app.data.fedlt import build_fedlt
+
+    labels = np.repeat(np.arange(4), [40, 20, 6, 2])
+    test = np.repeat(np.arange(4), 10)
+    split = build_fedlt(labels, test, 4, 3, 0, 100.0, 1.0, 2, 10, seed=0)
+    assert split.class_counts.tolist() == [40, 20, 6, 2]
+    assert sorted(np.concatenate(split.client_train).tolist()) == list(range(labels.size))

@@ -240,6 +240,10 @@ def build_fedlt(
 ) -> FedLTSplit:
     """Build the whole Fed-LT split; a pure function of its arguments.
 
+    ``n_max = 0`` takes the whole train pool as the long-tailed train set, as it
+    is (for datasets whose train list already is long-tailed: the standard
+    ImageNet-LT and Places-LT splits); ``imbalance_factor`` is then unused.
+
     Streams: LT sampling uses ``SeedSequence([seed, 0])``, the Dirichlet split
     ``[seed, 1]``, and client ``k``'s test set ``[seed, 2, k]``.
     """
@@ -248,8 +252,12 @@ def build_fedlt(
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
     train_labels = np.asarray(train_labels).reshape(-1).astype(np.int64)
     test_labels = np.asarray(test_labels).reshape(-1).astype(np.int64)
-    counts = long_tail_counts(n_max, imbalance_factor, num_classes)
-    lt = sample_long_tail(train_labels, counts, _rng(seed, _STREAM_LONG_TAIL))
+    if n_max == 0:  # the pool already is the long-tailed train set (ImageNet-LT, Places-LT lists)
+        counts = np.bincount(train_labels, minlength=num_classes).astype(np.int64)
+        lt = np.arange(train_labels.shape[0], dtype=np.int64)
+    else:
+        counts = long_tail_counts(n_max, imbalance_factor, num_classes)
+        lt = sample_long_tail(train_labels, counts, _rng(seed, _STREAM_LONG_TAIL))
     lt_labels = train_labels[lt]
     parts = dirichlet_split(lt_labels, num_clients, alpha, min_samples, _rng(seed, _STREAM_DIRICHLET))
     client_train = tuple(np.sort(lt[p]) for p in parts)
