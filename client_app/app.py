@@ -30,7 +30,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from fedpurel_app import task
-from fedpurel_app.config import RunConfig, parse_run_config
+from fedpurel_app.config import RunConfig, parse_node_config, parse_run_config
 from fedpurel_app.peft import PeftVariant
 from fedpurel_app.state import NodeStateStore, StateError, run_state_key
 from fedpurel_app.training import FeatureSet, predict, seeded_generator, train_global, train_private
@@ -43,13 +43,9 @@ app = ClientApp()
 
 
 def _partition(context: Context) -> tuple[int, int]:
-    try:
-        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    except KeyError as missing:
-        raise ValueError(
-            f"node-config has no {missing}: start the SuperNode with "
-            '--node-config "partition-id=<i> num-partitions=<n>"'
-        ) from None
+    """(partition-id, num-partitions) from the validated node-config."""
+    node = parse_node_config(context.node_config)
+    return node.partition_id, node.num_partitions
 
 
 def _features(cfg: RunConfig, context: Context) -> tuple[FeatureSet, FeatureSet]:
@@ -121,6 +117,7 @@ def _restore_phi_k(cfg: RunConfig, context: Context) -> None:
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, PeftVariant, FeatureSet, FeatureSet, int, int]:
     cfg = parse_run_config(context.run_config)
+    parse_node_config(context.node_config)
     _restore_phi_k(cfg, context)
     train, test = _features(cfg, context)
     server_round = int(msg.content["config"]["server-round"])

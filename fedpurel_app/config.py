@@ -174,10 +174,12 @@ def relation_problems(values: Mapping[str, Any], skip: frozenset[str] | set[str]
     return problems
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: dict[str, Any], known_keys: tuple[str, ...] = ()) -> str:
     loc = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "missing":
+        return f"missing key '{loc}'"
     if error["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(loc, KNOWN_KEYS, n=1)
+        close = difflib.get_close_matches(loc, known_keys or KNOWN_KEYS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"unknown key '{loc}'{hint}"
     message = error["msg"].removeprefix("Value error, ")
@@ -208,4 +210,45 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             + "\n  - ".join(problems)
             + "\nFix these keys in [tool.flwr.app.config] of pyproject.toml "
             "or in --run-config, then run again."
+        ) from None
+
+
+class NodeConfig(BaseModel):
+    """A SuperNode's node-config: which partition of the data it holds, where its state lives.
+
+    Simulation sets ``partition-id`` and ``num-partitions``; a real SuperNode gets
+    them (and optionally ``state-dir``) from ``flower-supernode --node-config``.
+    """
+
+    model_config = ConfigDict(alias_generator=_to_kebab, populate_by_name=True, extra="forbid", frozen=True)
+
+    partition_id: int = Field(ge=0)
+    num_partitions: int = Field(ge=1)
+    state_dir: str = ""
+
+    @model_validator(mode="after")
+    def _partition_in_range(self) -> NodeConfig:
+        if self.partition_id >= self.num_partitions:
+            raise ValueError(
+                f"partition-id ({self.partition_id}) must be smaller than num-partitions ({self.num_partitions})"
+            )
+        return self
+
+
+NODE_KEYS = tuple(_to_kebab(name) for name in NodeConfig.model_fields)
+
+
+def parse_node_config(node_config: Mapping[str, Any]) -> NodeConfig:
+    """Validate a SuperNode's node-config; raises :class:`ConfigError` listing every problem."""
+    try:
+        return NodeConfig.model_validate(dict(node_config))
+    except ValidationError as err:
+        problems = [
+            _describe(e, NODE_KEYS) if e["loc"] else e["msg"].removeprefix("Value error, ") for e in err.errors()
+        ]
+        raise ConfigError(
+            "Invalid node config:\n  - "
+            + "\n  - ".join(problems)
+            + '\nStart the SuperNode with --node-config "partition-id=<i> num-partitions=<n> '
+            "[state-dir='<folder>']\", then run again."
         ) from None

@@ -75,15 +75,16 @@ def _fedlt_split(data: str, root: str, num_clients: int, *protocol) -> FedLTSpli
 
 
 def zero_shot_text(cfg: RunConfig) -> torch.Tensor:
-    """The frozen zero-shot classifier [C, D] of the dataset's template (cached per process)."""
-    return _zero_shot_text(cfg.model, cfg.pretrained, cfg.cache_dir, cfg.device, cfg.dataset, cfg.data_root)
+    """The frozen zero-shot classifier [C, D] of the dataset's template (once per model and dataset)."""
+    clip = load_clip(cfg)
+    key = (id(clip.model), cfg.dataset, cfg.data_root)
+    if key not in _ZERO_SHOT_TEXT:
+        bundle = dataset(cfg.dataset, cfg.data_root)
+        _ZERO_SHOT_TEXT[key] = zero_shot_text_features(clip, bundle.classnames, bundle.template)
+    return _ZERO_SHOT_TEXT[key]
 
 
-@functools.lru_cache(maxsize=2)
-def _zero_shot_text(*clip_key: str) -> torch.Tensor:
-    clip = _clip(*clip_key)
-    bundle = dataset(clip_key[-2], clip_key[-1])
-    return zero_shot_text_features(clip, bundle.classnames, bundle.template)
+_ZERO_SHOT_TEXT: dict[tuple[int, str, str], torch.Tensor] = {}
 
 
 def class_counts(cfg: RunConfig) -> np.ndarray:

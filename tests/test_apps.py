@@ -189,3 +189,23 @@ def test_phi_k_survives_a_node_restart_through_its_state_dir(phi_g, tmp_path):
     other_run.run_config["seed"] = 7
     reply = client.evaluate(server_message(phi_g, MessageType.EVALUATE, 1), other_run)
     assert next(iter(reply.content.metric_records.values()))["personalized"] == 0
+
+
+@pytest.mark.parametrize(
+    ("node_config", "expected"),
+    [
+        ({}, "missing key 'partition-id'"),
+        ({"partition-id": 4, "num-partitions": 4}, "partition-id (4) must be smaller than num-partitions (4)"),
+        ({"partition-id": -1, "num-partitions": 4}, "key 'partition-id'"),
+        ({"partition-id": 0, "num-partitions": 4, "state-dri": "/tmp/x"}, "unknown key 'state-dri' (did you mean 'state-dir'?)"),
+    ],
+)
+def test_a_bad_node_config_is_one_clear_error(phi_g, node_config, expected):
+    from fedpurel_app.config import ConfigError
+
+    context = make_context()
+    context.node_config.clear()
+    context.node_config.update(node_config)
+    with pytest.raises(ConfigError) as err:
+        client.train(server_message(phi_g, MessageType.TRAIN), context)
+    assert expected in str(err.value) and "--node-config" in str(err.value)
