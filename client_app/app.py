@@ -117,7 +117,6 @@ def _restore_phi_k(cfg: RunConfig, context: Context) -> None:
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, PeftVariant, FeatureSet, FeatureSet, int, int]:
     cfg = parse_run_config(context.run_config)
-    parse_node_config(context.node_config)
     _restore_phi_k(cfg, context)
     train, test = _features(cfg, context)
     server_round = int(msg.content["config"]["server-round"])

@@ -27,7 +27,6 @@ import json
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+
+from .storage import save_tensors_atomic
 
 FORMAT = "fedpurel-node-state/1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -143,21 +143,7 @@ class NodeStateStore:
             _META_FIELDS: self.key["fields"],
             _META_DIGEST: _digest(data),
         }
-        payload = st_save(data, metadata=metadata)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.dir)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        save_tensors_atomic(data, target, metadata, mode=0o600)
         _fsync_dir(self.dir)
         return target
 

@@ -64,28 +64,21 @@ def test_a_crash_mid_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
     store.save(st.PHI_K, phi(0))
     before = (tmp_path / "phi_k.safetensors").read_bytes()
 
-    # Crash after half of the new bytes reached the temp file.
-    real_fdopen = os.fdopen
+    # Crash after half of the new bytes reached the temp file (disk full).
+    import safetensors.torch
 
-    class HalfWriter:
-        def __init__(self, f):
-            self.f = f
+    real_save_file = safetensors.torch.save_file
 
-        def __enter__(self):
-            return self
+    def half_written(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        data = open(filename, "rb").read()
+        open(filename, "wb").write(data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
 
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            self.f.write(data[: len(data) // 2])
-            self.f.flush()
-            raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(st.os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
+    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
     with pytest.raises(OSError):
         store.save(st.PHI_K, phi(1))
-    monkeypatch.setattr(st.os, "fdopen", real_fdopen)
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save_file)
     assert (tmp_path / "phi_k.safetensors").read_bytes() == before
     assert same(store.load(st.PHI_K), phi(0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["phi_k.safetensors"]
@@ -94,7 +87,9 @@ def test_a_crash_mid_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
     def killed(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(st.os, "replace", killed)
+    import fedpurel_app.storage as storage
+
+    monkeypatch.setattr(storage.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         store.save(st.PHI_K, phi(2))
     monkeypatch.undo()
