@@ -92,7 +92,7 @@ def main() -> None:
         med = {name: statistics.median(ts) for name, ts in times.items()}
         steps = -(-len(data) // cfg.batch_size)
         print(f"config: peft={variant} dataset={cfg.dataset} client {args.client} of {args.clients} "
-              f"({len(data)} images, {steps} steps of batch {cfg.batch_size}), align={cfg.align}, "
+              f"({len(data)} images, {steps} steps of batch {cfg.batch_size}), method={cfg.method}, "
               f"threads 1, {args.repeats} interleaved repeats, medians")
         print(f"  epoch: cached {1e3 * med['cached']:.1f} ms | encoder in the loop "
               f"{1e3 * med['encoder in the loop']:.1f} ms | encoder + preprocess in the loop "

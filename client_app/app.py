@@ -2,9 +2,11 @@
 
 Private state lives in ``context.state`` and never enters a reply:
 
-- ``fedpurel.phi_k``: the private residual branch phi_k (Stage 2); on a node
-  with a ``state-dir`` in its node-config it is also saved there after every
-  Stage-2 update (atomic, owner-only) and restored after a restart;
+- ``fedpurel.phi_k``: the private branch phi_k (FedPuReL's residual, or a
+  baseline's local copy) and ``fedpurel.method-state``: a method's other private
+  tensors (a linear head, a controller's state); on a node with a ``state-dir``
+  in its node-config both are also saved there after every update (atomic,
+  owner-only) and restored after a restart;
 - ``fedpurel.features``: this client's labels and zero-shot logits and, for
   variants that consume image features (prompt, adapter), those features,
   all computed once with the frozen image encoder. Variants that consume
@@ -15,9 +17,11 @@ Private state lives in ``context.state`` and never enters a reply:
 
 Handlers:
 
-- ``train``               Stage 1: purified local update of phi_g; replies phi_g.
-- ``train.personalize``   Stage 2: residual update of phi_k against the received
-                          (frozen) phi_g; replies metrics only.
+- ``train``               Stage 1: the method's (purified) local update of phi_g;
+                          replies phi_g.
+- ``train.personalize``   Stage 2: the method's personalization of its private
+                          parameters against the received (frozen) phi_g;
+                          replies metrics only.
 - ``evaluate``            PM evaluation on the client's own test set.
 """
 
@@ -31,11 +35,13 @@ from flwr.common import log
 
 from fedpurel_app import task
 from fedpurel_app.config import RunConfig, parse_node_config, parse_run_config
+from fedpurel_app.methods import Method, build_method
 from fedpurel_app.peft import PeftVariant
 from fedpurel_app.state import NodeStateStore, StateError, run_state_key
-from fedpurel_app.training import FeatureSet, predict, seeded_generator, train_global, train_private
+from fedpurel_app.training import FeatureSet, predict, seeded_generator, train_global
 
 PHI_K = "fedpurel.phi_k"
+METHOD_STATE = "fedpurel.method-state"
 FEATURES = "fedpurel.features"
 FEATURES_KEY = "fedpurel.features-key"
 
@@ -81,13 +87,32 @@ def _features(cfg: RunConfig, context: Context) -> tuple[FeatureSet, FeatureSet]
     return train, test
 
 
-def _model(cfg: RunConfig, msg: Message, context: Context) -> PeftVariant:
-    """The PEFT model with the received phi_g and this client's own phi_k."""
+def _model(cfg: RunConfig, msg: Message, context: Context) -> tuple[PeftVariant, Method]:
+    """The PEFT model with the received phi_g and this client's own phi_k, and the run's method
+    with its private state (and the global class counts when the message carries them)."""
     peft = task.build_model(cfg)
     peft.load_global_state(msg.content["arrays"].to_torch_state_dict())
+    counts = msg.content["config"].get("class-counts")
+    method = build_method(cfg, None if counts is None else list(counts))
     if PHI_K in context.state.array_records:
         peft.load_private_state(context.state.array_records[PHI_K].to_torch_state_dict())
-    return peft
+    if METHOD_STATE in context.state.array_records:
+        method.load_private_state(context.state.array_records[METHOD_STATE].to_torch_state_dict())
+    return peft, method
+
+
+def _keep_private(cfg: RunConfig, context: Context, peft: PeftVariant, method: Method, phi_k: bool) -> None:
+    """Keep the method's private tensors and, when ``phi_k`` (it was trained), phi_k in the
+    node's state and its state-dir. A node holding phi_k is personalized."""
+    store = _store(cfg, context)
+    if phi_k:
+        context.state[PHI_K] = ArrayRecord(peft.private_state())
+        if store is not None:
+            store.save("phi_k", peft.private_state())
+    if extra := method.private_state():
+        context.state[METHOD_STATE] = ArrayRecord(extra)
+        if store is not None:
+            store.save("method-state", extra)
 
 
 def _store(cfg: RunConfig, context: Context) -> NodeStateStore | None:
@@ -106,32 +131,35 @@ def _restore_phi_k(cfg: RunConfig, context: Context) -> None:
     store = _store(cfg, context)
     if store is None or PHI_K in context.state.array_records:
         return
-    try:
-        saved = store.load("phi_k")
-    except StateError as err:
-        log(WARNING, "Ignoring the saved private state: %s", err)
-        return
-    if saved is not None:
-        context.state[PHI_K] = ArrayRecord(saved)
+    for name, key in (("phi_k", PHI_K), ("method-state", METHOD_STATE)):
+        try:
+            saved = store.load(name)
+        except StateError as err:
+            log(WARNING, "Ignoring the saved private state: %s", err)
+            return
+        if saved is not None:
+            context.state[key] = ArrayRecord(saved)
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, PeftVariant, FeatureSet, FeatureSet, int, int]:
+def _setup(msg: Message, context: Context):
+    """(cfg, peft, method, train, test, server round, partition id) for one message."""
     cfg = parse_run_config(context.run_config)
     _restore_phi_k(cfg, context)
     train, test = _features(cfg, context)
     server_round = int(msg.content["config"]["server-round"])
     pid, _ = _partition(context)
-    return cfg, _model(cfg, msg, context), train, test, server_round, pid
+    return cfg, *_model(cfg, msg, context), train, test, server_round, pid
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Stage 1: purified local epochs on phi_g; reply with phi_g only."""
-    cfg, peft, data, _, server_round, pid = _setup(msg, context)
+    """Stage 1: the method's (purified) local epochs on phi_g; reply with phi_g only."""
+    cfg, peft, method, data, _, server_round, pid = _setup(msg, context)
     stats = train_global(
         peft, data, task.stage1_options(cfg), cfg.local_epochs, cfg.batch_size,
-        seeded_generator(cfg.seed, 1, server_round, pid),
+        seeded_generator(cfg.seed, 1, server_round, pid), method,
     )
+    _keep_private(cfg, context, peft, method, phi_k=method.stage1_trains_private)
     metrics = MetricRecord({"num-examples": len(data), **stats.means()})
     return Message(
         RecordDict({"arrays": ArrayRecord(peft.global_state()), "metrics": metrics}), reply_to=msg
@@ -140,27 +168,26 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.train("personalize")
 def personalize(msg: Message, context: Context) -> Message:
-    """Stage 2: train the private residual phi_k against the received phi_g."""
-    cfg, peft, data, _, server_round, pid = _setup(msg, context)
-    loss = train_private(
-        peft, data, cfg.lam, cfg.personal_lr, cfg.personal_epochs, cfg.batch_size,
-        seeded_generator(cfg.seed, 2, server_round, pid), task.precision(cfg),
+    """Stage 2: the method's personalization of phi_k against the received, frozen phi_g."""
+    cfg, peft, method, data, _, server_round, pid = _setup(msg, context)
+    loss = method.personalize(
+        peft, data, seeded_generator(cfg.seed, 2, server_round, pid),
+        first=PHI_K not in context.state.array_records, precision=task.precision(cfg),
     )
-    context.state[PHI_K] = ArrayRecord(peft.private_state())
-    if (store := _store(cfg, context)) is not None:
-        store.save("phi_k", peft.private_state())
+    _keep_private(cfg, context, peft, method, phi_k=True)
     metrics = MetricRecord({"num-examples": len(data), "residual-loss": loss})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """PM evaluation on the client's test set: predictions of l_G + l_P, l_G and z.
+    """PM evaluation on the client's test set: predictions of the personalized model
+    (FedPuReL: l_G + l_P; l_G on a client without private parameters), of l_G and of z.
 
     Replies the predictions and labels (integers) so that the server can pool
     Many / Medium / Few over clients; no parameters.
     """
-    cfg, peft, _, test, _, _ = _setup(msg, context)
+    cfg, peft, method, _, test, _, _ = _setup(msg, context)
     personalized = PHI_K in context.state.array_records
     precision = task.precision(cfg)
     metrics = MetricRecord(
@@ -168,7 +195,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             "num-examples": len(test),
             "personalized": int(personalized),
             "labels": test.labels.tolist(),
-            "pm-preds": predict(peft, test.features, personalized, precision).tolist(),
+            "pm-preds": predict(peft, test.features, personalized, precision, method.personal_logits).tolist(),
             "gm-preds": predict(peft, test.features, False, precision).tolist(),
             "zs-preds": test.zero_shot_logits.argmax(dim=-1).tolist(),
         }

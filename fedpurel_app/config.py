@@ -67,8 +67,16 @@ class RunConfig(BaseModel):
     lora_targets: str = "q_proj,k_proj,v_proj"
     lora_rslora: bool = False
 
+    # --- method: FedPuReL or a baseline (fedpurel_app/methods) ---
+    method: str = "fedpurel"
+    la_tau: float = Field(1.0, ge=0.0)
+    mix_weight: float = Field(0.2, ge=0.0, le=1.0)
+    lp_rounds: int = Field(1, ge=0)
+    grab_kp: float = Field(1.0, ge=0.0)
+    grab_ki: float = Field(0.01, ge=0.0)
+    grab_kd: float = Field(0.1, ge=0.0)
+
     # --- Stage 1: global balanced training ---
-    align: Literal["tkl", "kl", "none"] = "tkl"
     granularity: Literal["tensor", "flat"] = "tensor"
     num_rounds: int = Field(30, ge=1)
     local_epochs: int = Field(2, ge=1)
@@ -108,14 +116,15 @@ class RunConfig(BaseModel):
             raise ValueError("true/false is only accepted by on/off keys")
         return value
 
-    @field_validator("dataset", "peft")
+    @field_validator("dataset", "peft", "method")
     @classmethod
     def _registered(cls, name: str, info) -> str:
-        """Datasets and PEFT variants are whatever their registries hold."""
+        """Datasets, PEFT variants and methods are whatever their registries hold."""
         from .data import DATASETS
+        from .methods import METHODS
         from .peft import PEFT_VARIANTS
 
-        registry = {"dataset": DATASETS, "peft": PEFT_VARIANTS}[info.field_name]
+        registry = {"dataset": DATASETS, "peft": PEFT_VARIANTS, "method": METHODS}[info.field_name]
         if name not in registry:
             raise ValueError(f"unknown {info.field_name}; choose one of {sorted(registry)}")
         return name
@@ -151,7 +160,7 @@ KNOWN_KEYS = tuple(_to_kebab(name) for name in RunConfig.model_fields)
 def relation_problems(values: Mapping[str, Any], skip: frozenset[str] | set[str] = frozenset()) -> list[str]:
     """Violated relations between keys, from snake_case ``values`` (missing ones: defaults).
 
-    A relation is only checked when both of its values are plain finite numbers,
+    A relation is only checked when its values are valid (numbers: plain and finite),
     so that it can be reported next to the field errors of other keys (a bad
     value of one of the two, named in ``skip``, is reported as a field error instead).
     """
@@ -164,7 +173,18 @@ def relation_problems(values: Mapping[str, Any], skip: frozenset[str] | set[str]
             return None
         return float(value)
 
+    def choice(name: str) -> Any:
+        return None if name in skip else values.get(name, RunConfig.model_fields[name].default)
+
+    from .methods import METHODS
+
     problems = []
+    method, schedule = choice("method"), choice("personalization")
+    if schedule == "interleaved" and method in METHODS and not METHODS[method].interleavable:
+        problems.append(
+            f"personalization = 'interleaved' needs a method with a residual branch "
+            f"(fedpurel, fedpurel-kl), not {method!r}: use personalization = 'post'"
+        )
     tau_min, tau_max = number("tau_min"), number("tau_max")
     if tau_min is not None and tau_max is not None and tau_min >= tau_max:
         problems.append(f"tau-min ({tau_min}) must be smaller than tau-max ({tau_max})")

@@ -209,7 +209,7 @@ class NodeStateStore:
 # Run-config fields that decide what a node's private state means: the model and
 # PEFT shapes (a phi_k of another shape cannot load) and the node's own data.
 RUN_KEY_FIELDS = (
-    "model", "pretrained", "peft", "n_ctx", "ctx_init", "adapter_init", "lora_rank", "lora_alpha",
+    "method", "model", "pretrained", "peft", "n_ctx", "ctx_init", "adapter_init", "lora_rank", "lora_alpha",
     "lora_targets", "lora_rslora", "dataset", "data_root", "seed", "n_max", "imbalance_factor",
     "dirichlet_alpha", "min_client_samples", "client_test_size",
 )

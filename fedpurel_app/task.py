@@ -195,8 +195,11 @@ def global_test_set(cfg: RunConfig) -> FeatureSet:
 
 
 def stage1_options(cfg: RunConfig) -> Stage1Options:
+    """The Stage-1 step's options; the purification anchor comes from the method."""
+    from .methods import method_class
+
     return Stage1Options(
-        align=cfg.align,
+        align=method_class(cfg.method).align,
         granularity=cfg.granularity,
         lr=cfg.lr,
         momentum=cfg.momentum,

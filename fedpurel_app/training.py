@@ -84,6 +84,32 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+class Stage1Objective:
+    """What a Stage-1 step trains and with which task loss; methods override it.
+
+    The default is the one of PromptFL and FedPuReL: phi_g, its logits l_G and
+    plain cross entropy. Baselines change one piece (a logit-adjusted or
+    re-weighted loss, or a global and a local branch trained together); the
+    purification against the zero-shot predictions, when on, acts on the
+    gradients of whatever :meth:`parameters` returns.
+    """
+
+    def parameters(self, peft: PeftVariant) -> list[torch.nn.Parameter]:
+        """The parameters one Stage-1 step updates."""
+        return peft.global_parameters()
+
+    def logits(self, peft: PeftVariant, x: torch.Tensor) -> torch.Tensor:
+        """Training logits of a batch."""
+        return peft.global_logits(x)
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """L_task = CE(logits, y)."""
+        return F.cross_entropy(logits, labels)
+
+
+PLAIN = Stage1Objective()
+
+
 @dataclass
 class Stage1Stats:
     """Per-client, per-round summary of the Stage-1 steps."""
@@ -121,19 +147,21 @@ def stage1_step(
     zero_shot_logits: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     options: Stage1Options,
+    objective: Stage1Objective = PLAIN,
 ) -> tuple[float, float, PurificationStats | None]:
     """One Stage-1 update of phi_g (METHOD.md "Stage 1", steps 1-5).
 
     f = l_G(x); L_task = CE(f, y); L_align = TKL(z || f) (or plain KL).
     The task gradient loses its component that conflicts with the align
     gradient; g_align itself is never applied. With ``align="none"`` this is a
-    plain CE step (the PromptFL / FedAvg-PEFT baseline).
+    plain CE step (the PromptFL / FedAvg-PEFT baseline). ``objective`` sets the
+    parameters, logits and task loss (default: phi_g, l_G, CE).
     """
-    params = peft.global_parameters()
+    params = objective.parameters(peft)
     with autocast(features.device, options.precision):
-        logits = peft.global_logits(features)
+        logits = objective.logits(peft, features)
     logits = logits.float()
-    task_loss = F.cross_entropy(logits, labels)
+    task_loss = objective.task_loss(logits, labels)
     scale = FP16_LOSS_SCALE if options.precision == "fp16" else 1.0
     if options.align == "none":
         grads = torch.autograd.grad(task_loss * scale, params)
@@ -171,6 +199,7 @@ def train_global(
     epochs: int,
     batch_size: int,
     generator: torch.Generator,
+    objective: Stage1Objective = PLAIN,
 ) -> Stage1Stats:
     """Stage 1 on one client: ``epochs`` passes over its data.
 
@@ -178,7 +207,7 @@ def train_global(
     leaks momentum across clients, we do not).
     """
     optimizer = torch.optim.SGD(
-        peft.global_parameters(),
+        objective.parameters(peft),
         lr=options.lr,
         momentum=options.momentum,
         weight_decay=options.weight_decay,
@@ -188,10 +217,49 @@ def train_global(
         for idx in data.batches(batch_size, generator):
             stats.add(
                 *stage1_step(
-                    peft, data.features[idx], data.labels[idx], data.zero_shot_logits[idx], optimizer, options
+                    peft, data.features[idx], data.labels[idx], data.zero_shot_logits[idx], optimizer, options,
+                    objective,
                 )
             )
     return stats
+
+
+def sgd_epochs(
+    params: list[torch.nn.Parameter],
+    batch_loss,
+    data: FeatureSet,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    precision: str = "fp32",
+) -> float:
+    """``epochs`` passes of SGD on ``params``; ``batch_loss(idx)`` gives a batch's loss.
+
+    The loss is computed by the caller (forward passes under :func:`autocast`);
+    with fp16 it is scaled before the backward pass and a step whose unscaled
+    gradients overflow is skipped. Returns the mean loss over the steps taken.
+    """
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
+    total, steps = 0.0, 0
+    for _ in range(epochs):
+        for idx in data.batches(batch_size, generator):
+            loss = batch_loss(idx)
+            optimizer.zero_grad(set_to_none=True)
+            (loss * scale).backward()
+            if scale != 1.0:
+                grads = [param.grad for param in params if param.grad is not None]
+                for grad in grads:
+                    grad /= scale
+                if not all(torch.isfinite(grad).all() for grad in grads):
+                    continue  # fp16 overflow: skip this step
+            optimizer.step()
+            total, steps = total + float(loss.detach()), steps + 1
+    optimizer.zero_grad(set_to_none=True)
+    return total / max(steps, 1)
 
 
 def train_private(
@@ -213,38 +281,34 @@ def train_private(
     device = data.features.device
     with torch.no_grad(), autocast(device, precision):
         global_logits = peft.global_logits(data.features).float()
-    params = peft.private_parameters()
-    optimizer = torch.optim.SGD(params, lr=lr)
-    scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
-    total, steps = 0.0, 0
-    for _ in range(epochs):
-        for idx in data.batches(batch_size, generator):
-            with autocast(device, precision):
-                private_logits = peft.private_logits(data.features[idx])
-            loss = residual_loss(global_logits[idx], private_logits.float(), data.labels[idx], lam)
-            optimizer.zero_grad(set_to_none=True)
-            (loss * scale).backward()
-            if scale != 1.0:
-                for param in params:
-                    param.grad /= scale
-                if not all(torch.isfinite(param.grad).all() for param in params):
-                    continue  # fp16 overflow: skip this step
-            optimizer.step()
-            total, steps = total + float(loss.detach()), steps + 1
-    optimizer.zero_grad(set_to_none=True)
-    return total / max(steps, 1)
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        with autocast(device, precision):
+            private_logits = peft.private_logits(data.features[idx])
+        return residual_loss(global_logits[idx], private_logits.float(), data.labels[idx], lam)
+
+    return sgd_epochs(
+        peft.private_parameters(), batch_loss, data, epochs, batch_size, generator, lr, precision=precision
+    )
 
 
 @torch.no_grad()
 def predict(
-    peft: PeftVariant, features: torch.Tensor, personalized: bool = False, precision: str = "fp32"
+    peft: PeftVariant, features: torch.Tensor, personalized: bool = False, precision: str = "fp32",
+    personal_logits=None,
 ) -> torch.Tensor:
-    """Predicted classes with l_G, or with l_G + l_P when ``personalized``."""
+    """Predicted classes with l_G or, when ``personalized``, with the personalized logits.
+
+    ``personal_logits(peft, x)`` gives those (default: FedPuReL's l_G + l_P).
+    """
     with autocast(features.device, precision):
-        logits = peft.global_logits(features).float()
-        if personalized:
-            logits = fuse_logits(logits, peft.private_logits(features).float())
-    return logits.argmax(dim=-1)
+        if not personalized:
+            logits = peft.global_logits(features)
+        elif personal_logits is not None:
+            logits = personal_logits(peft, features)
+        else:
+            logits = fuse_logits(peft.global_logits(features).float(), peft.private_logits(features).float())
+    return logits.float().argmax(dim=-1)
 
 
 def seeded_generator(*keys: int) -> torch.Generator:

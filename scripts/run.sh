@@ -2,7 +2,7 @@
 # Set up .venv if needed, then run FedPuReL in Flower simulation (Ray) on the embedded default.
 #
 #   bash scripts/run.sh                                   # the default run (20 clients)
-#   bash scripts/run.sh "align='none' seed=1"             # any [tool.flwr.app.config] override
+#   bash scripts/run.sh "method='promptfl' seed=1"             # any [tool.flwr.app.config] override
 #   bash scripts/run.sh configs/cifar100-lt-prompt.toml "seed=1"   # a preset, then overrides
 #
 # Environment: NUM_SUPERNODES (20), CLIENT_GPUS (0.0; e.g. 0.25 on a GPU machine),

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpurel_app import task
 from fedpurel_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedpurel_app.config import RunConfig, parse_run_config
+from fedpurel_app.methods import method_class
 from fedpurel_app.metrics import pm_summary
 from fedpurel_app.results import RunRecorder, new_run_dir
 
@@ -68,8 +69,11 @@ class _Setup:
             self.recorder.started -= rounds[-1]["wall_time"] if rounds else 0.0
             self.recorder.data.setdefault("resumed_after_rounds", []).append(self.resumed.round)
         else:
-            label = f"{cfg.peft}-{cfg.align}-{cfg.personalization}-seed{cfg.seed}"
+            label = f"{cfg.method}-{cfg.peft}-seed{cfg.seed}"
             self.recorder = RunRecorder(new_run_dir(cfg.resolved_output_dir(APP_DIR), label), cfg.to_flower())
+            method = method_class(cfg.method)
+            self.recorder.data["method"] = {"name": method.name, "reports": list(method.reports)}
+            self.recorder.data["class_counts"] = [int(c) for c in self.counts]
 
 
 def _pm(cfg: RunConfig, counts: np.ndarray, records: list[MetricRecord]) -> dict | None:
@@ -105,7 +109,9 @@ def _run(grid: Grid, cfg: RunConfig, setup: _Setup) -> None:
         num_classes=len(setup.counts),
     )
     recorder, counts = setup.recorder, setup.counts
+    method = method_class(cfg.method)
     arrays = ArrayRecord(setup.peft.global_state())
+    train_config = ConfigRecord({"class-counts": [int(c) for c in counts]} if method.needs_prior else {})
 
     def exchange(messages):
         return list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
@@ -132,10 +138,15 @@ def _run(grid: Grid, cfg: RunConfig, setup: _Setup) -> None:
         )
     zs = recorder.data["zero_shot"]["gm"]
     log(INFO, "[fedpurel] zero-shot   GM all %s few %s", _fmt(zs["all"]), _fmt(zs["few"]))
+    if not method.trains_global:  # zero-shot: the frozen CLIP is the result
+        recorder.add_round(0, "final", gm=zs, pm=recorder.data["zero_shot"].get("pm"))
+        _finish(recorder, arrays)
+        return
 
-    total = cfg.num_rounds + (cfg.personal_rounds if cfg.personalization == "post" else 0)
+    post = cfg.personalization == "post" and method.personal_phase
+    total = cfg.num_rounds + (cfg.personal_rounds if post else 0)
     for rnd in range(done + 1, cfg.num_rounds + 1):
-        replies = exchange(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
+        replies = exchange(strategy.configure_train(rnd, arrays, train_config, grid))
         arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if cfg.personalization == "interleaved":
             exchange(strategy.configure_personalize(rnd, arrays, grid, strategy.last_sampled))
@@ -154,7 +165,7 @@ def _run(grid: Grid, cfg: RunConfig, setup: _Setup) -> None:
             _fmt(train and train.get("conflict-rate")), recorder.elapsed(),
         )
 
-    if cfg.personalization == "post":
+    if post:
         for step in range(max(1, done - cfg.num_rounds + 1), cfg.personal_rounds + 1):
             rnd = cfg.num_rounds + step
             exchange(strategy.configure_personalize(rnd, arrays, grid))
@@ -166,7 +177,10 @@ def _run(grid: Grid, cfg: RunConfig, setup: _Setup) -> None:
                 rnd, total, _fmt(pm and pm["all"]), recorder.elapsed())
     if not any("pm" in r for r in recorder.data["rounds"]):
         recorder.add_round(cfg.num_rounds, "final", pm=evaluate_pm(cfg.num_rounds))
+    _finish(recorder, arrays)
 
+
+def _finish(recorder: RunRecorder, arrays: ArrayRecord) -> None:
     recorder.finish(arrays.to_torch_state_dict())
     for line in recorder.table().splitlines():
         log(INFO, "[fedpurel] %s", line)

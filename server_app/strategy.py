@@ -72,16 +72,20 @@ class FedPuReLStrategy(FedAvg):
         picked = rng.choice(len(nodes), size=min(size, len(nodes)), replace=False)
         return [nodes[i] for i in sorted(picked)]
 
-    def _messages(self, nodes: list[int], arrays: ArrayRecord, server_round: int, message_type: str) -> list[Message]:
-        record = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+    def _messages(
+        self, nodes: list[int], arrays: ArrayRecord, server_round: int, message_type: str,
+        config: ConfigRecord | None = None,
+    ) -> list[Message]:
+        content = ConfigRecord({**(config or {}), "server-round": server_round})
+        record = RecordDict({"arrays": arrays, "config": content})
         return list(self._construct_messages(record, nodes, message_type))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Stage 1: send phi_g to the sampled clients."""
+        """Stage 1: send phi_g (and ``config``, e.g. the class counts) to the sampled clients."""
         self.last_sampled = self.sample(server_round, grid)
-        return self._messages(self.last_sampled, arrays, server_round, MessageType.TRAIN)
+        return self._messages(self.last_sampled, arrays, server_round, MessageType.TRAIN, config)
 
     def configure_personalize(
         self, server_round: int, arrays: ArrayRecord, grid: Grid, nodes: list[int] | None = None

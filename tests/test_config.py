@@ -22,15 +22,15 @@ def test_pyproject_lists_every_knob_with_the_model_default():
 
 
 def test_overrides_are_applied():
-    cfg = parse_run_config({**pyproject_config(), "align": "none", "lr": 0.5, "seed": 3})
-    assert (cfg.align, cfg.lr, cfg.seed) == ("none", 0.5, 3)
+    cfg = parse_run_config({**pyproject_config(), "method": "promptfl", "lr": 0.5, "seed": 3})
+    assert (cfg.method, cfg.lr, cfg.seed) == ("promptfl", 0.5, 3)
 
 
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
         ({"lr": -1.0}, "key 'lr': value -1.0"),
-        ({"align": "tkl2"}, "'tkl', 'kl' or 'none'"),
+        ({"method": "fedpurel2"}, "unknown method"),
         ({"fraction-train": 1.5}, "key 'fraction-train'"),
         ({"lam": 2.0}, "key 'lam'"),
         ({"num-rounds": "ten"}, "key 'num-rounds'"),

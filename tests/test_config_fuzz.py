@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from fedpurel_app.config import KNOWN_KEYS, ConfigError, RunConfig, parse_run_config
 from fedpurel_app.data import DATASETS
+from fedpurel_app.methods import METHODS
 from fedpurel_app.peft import PEFT_VARIANTS
 
 WORDS = st.text(alphabet=string.ascii_letters, min_size=1, max_size=8).map(lambda w: "x" + w)
@@ -64,6 +65,7 @@ def _numbers(kind: type, b: dict) -> tuple[st.SearchStrategy, st.SearchStrategy]
 SPECIAL = {
     "dataset": (st.sampled_from(sorted(DATASETS)), st.one_of(WORDS, st.integers())),
     "peft": (st.sampled_from(sorted(PEFT_VARIANTS)), st.one_of(WORDS, st.floats())),
+    "method": (st.sampled_from(sorted(METHODS)), st.one_of(WORDS, st.integers())),
     "device": (st.sampled_from(["auto", "cpu", "cuda", "cuda:0", "cuda:3"]), st.sampled_from(["tpu", "cuda:", "gpu0", "CPU"])),
     "lora_targets": (st.sampled_from(["q_proj", "q_proj,v_proj", "re:.*attn.*"]), st.sampled_from(["", ",", "re:(", 7])),
 }
@@ -117,6 +119,13 @@ def configs(draw):
             return RunConfig.model_fields[name].default
         return None if f"key '{key}'" in bad else float(config[key])
 
+    def chosen(name: str) -> str | None:
+        key = name.replace("_", "-")
+        return None if f"key '{key}'" in bad else config.get(key, RunConfig.model_fields[name].default)
+
+    method = chosen("method")
+    if chosen("personalization") == "interleaved" and method is not None and not METHODS[method].interleavable:
+        bad.add("personalization = 'interleaved'")
     for low, high, message in (("tau_min", "tau_max", "tau-min"), ("few_threshold", "many_threshold", "few-threshold")):
         a, b = valid(low), valid(high)
         if a is not None and b is not None and (a >= b if low == "tau_min" else a > b):

@@ -47,7 +47,7 @@ def test_default_schedule_writes_complete_results(tmp_path):
     proc, out = run_app(tmp_path, SMALL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = only_results(out)
-    assert results["config"]["num-rounds"] == 2 and results["config"]["align"] == "tkl"
+    assert results["config"]["num-rounds"] == 2 and results["config"]["method"] == "fedpurel"
     for gm in (results["zero_shot"]["gm"], results["final"]["gm"]):
         for key in ("all", "many", "medium", "few", "balancedness"):
             assert 0.0 <= gm[key] <= 1.0
@@ -68,7 +68,7 @@ def test_default_schedule_writes_complete_results(tmp_path):
 
 
 def test_interleaved_schedule_with_kl_and_flat_purification(tmp_path):
-    proc, out = run_app(tmp_path, SMALL + " personalization='interleaved' align='kl' granularity='flat'")
+    proc, out = run_app(tmp_path, SMALL + " personalization='interleaved' method='fedpurel-kl' granularity='flat'")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = only_results(out)
     assert [r["phase"] for r in results["rounds"]] == ["global", "global"]
@@ -77,10 +77,10 @@ def test_interleaved_schedule_with_kl_and_flat_purification(tmp_path):
 
 
 def test_a_bad_config_stops_before_training_with_one_clear_message(tmp_path):
-    proc, out = run_app(tmp_path, "lr=-1.0 align='tkl2'")
+    proc, out = run_app(tmp_path, "lr=-1.0 method='tkl2'")
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
-    assert "key 'lr': value -1.0" in text and "key 'align'" in text
+    assert "key 'lr': value -1.0" in text and "key 'method'" in text
     assert "Traceback" not in text
     assert not list(out.glob("*/results.json")), "a results file was written for a refused config"
     assert flower_processes(tmp_path / "flwr-home") == []

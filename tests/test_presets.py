@@ -38,8 +38,8 @@ def test_reference_preset_uses_the_reference_code_choices():
 def test_overrides_merge_a_preset_with_later_pairs_winning(tmp_path):
     preset = tmp_path / "p.toml"
     preset.write_text('lr = 0.5\nctx-init = "a photo of a"\nall-clients-first-round = true\n')
-    merged = overrides.merge([str(preset), "lr=0.1 seed=2 align='kl'"])
-    assert merged == {"lr": 0.1, "ctx-init": "a photo of a", "all-clients-first-round": True, "seed": 2, "align": "kl"}
+    merged = overrides.merge([str(preset), "lr=0.1 seed=2 method='fedpurel-kl'"])
+    assert merged == {"lr": 0.1, "ctx-init": "a photo of a", "all-clients-first-round": True, "seed": 2, "method": "fedpurel-kl"}
     text = overrides.to_run_config(merged)
     assert "ctx-init='a photo of a'" in text and "all-clients-first-round=true" in text
     assert overrides.merge([text]) == merged, "the string flwr receives parses back to the same values"

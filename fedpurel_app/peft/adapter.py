@@ -105,5 +105,9 @@ class AdapterPeft(PeftVariant):
         """Knobs ``adapter-init`` and ``seed``; the text side is ``template``."""
         return cls(clip, classnames, template=template, init=cfg.adapter_init, seed=cfg.seed)
 
-    def branch_logits(self, branch: nn.Module, image_features: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * F.normalize(branch(image_features), dim=-1) @ self.text.T
+    def branch_embedding(self, branch: nn.Module, image_features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(branch(image_features), dim=-1)
+
+    def class_embeddings(self, branch: nn.Module) -> torch.Tensor:
+        """The frozen zero-shot text features of the template."""
+        return self.text

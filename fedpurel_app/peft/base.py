@@ -55,9 +55,20 @@ class PeftVariant(nn.Module, ABC):
         for variants with a fixed text side.
         """
 
+    #: CLIP's logit scale exp(t), fixed.
+    logit_scale: float
+
     @abstractmethod
+    def branch_embedding(self, branch: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings [B, D] of a batch of :attr:`inputs` under ``branch``."""
+
+    @abstractmethod
+    def class_embeddings(self, branch: nn.Module) -> torch.Tensor:
+        """L2-normalised class (text) embeddings [C, D] under ``branch``: the classifier."""
+
     def branch_logits(self, branch: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Scaled class logits [B, C] of ``branch`` for a batch of :attr:`inputs`."""
+        """Scaled class logits [B, C] of ``branch``: exp(t) * embedding @ class_embeddings.T."""
+        return self.logit_scale * self.branch_embedding(branch, x) @ self.class_embeddings(branch).T
 
     def global_logits(self, x: torch.Tensor) -> torch.Tensor:
         """l_G: logits with phi_g."""

@@ -296,9 +296,12 @@ class LoraPeft(PeftVariant):
             return tower(pixels)
         return torch.cat([tower(chunk) for chunk in pixels.split(NO_GRAD_CHUNK)])
 
-    def branch_logits(self, branch: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        features = F.normalize(self._encode(branch.adapter, pixels), dim=-1)
-        return self.logit_scale * features @ self.text.T
+    def branch_embedding(self, branch: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self._encode(branch.adapter, pixels), dim=-1)
+
+    def class_embeddings(self, branch: nn.Module) -> torch.Tensor:
+        """The frozen zero-shot text features of the template."""
+        return self.text
 
     def global_state(self) -> dict[str, torch.Tensor]:
         """phi_g: peft's state dict of the global adapter, LoRA tensors only (CPU copies)."""

@@ -121,5 +121,9 @@ class PromptPeft(PeftVariant):
             x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
         return F.normalize(x, dim=-1)
 
-    def branch_logits(self, branch: nn.Module, image_features: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * image_features @ self.text_features(branch).T
+    def branch_embedding(self, branch: nn.Module, image_features: torch.Tensor) -> torch.Tensor:
+        """The cached image features: the image side is frozen."""
+        return image_features
+
+    def class_embeddings(self, branch: nn.Module) -> torch.Tensor:
+        return self.text_features(branch)
