@@ -29,18 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-# Every method of the comparison, in the order of table rows and plot legends.
-METHODS = (
-    "zero-shot",
-    "promptfl",
-    "promptfl-la",
-    "fedpurel-kl",
-    "fedpurel",
-    "pft",
-    "lp-ft",
-    "promptfolio",
-    "fed-grab",
-)
+from .methods import METHODS as _REGISTRY
+
+# Every method of the comparison, in the order of table rows and plot legends: the registry's.
+METHODS = tuple(_REGISTRY)
 ZERO_SHOT_ROW = "zero-shot CLIP"
 MISSING = "–"
 MARKDOWN_FILE, CSV_FILE = "results.md", "results.csv"

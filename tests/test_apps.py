@@ -7,6 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 
 from client_app import app as client
 from fedpurel_app import task
+from fedpurel_app.config import parse_run_config
 from server_app.strategy import PERSONALIZE, FedPuReLStrategy
 from tests.conftest import SMALL_RUN
 
@@ -209,3 +210,27 @@ def test_a_bad_node_config_is_one_clear_error(phi_g, node_config, expected):
     with pytest.raises(ConfigError) as err:
         client.train(server_message(phi_g, MessageType.TRAIN), context)
     assert expected in str(err.value) and "--node-config" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["promptfl-la", "fed-grab", "promptfolio", "pft", "lp-ft", "fedpurel-kl"])
+def test_every_method_runs_through_the_client_app_and_keeps_its_private_state(phi_g, name):
+    """train (with the class counts when the method needs them), personalize, evaluate."""
+    from fedpurel_app.methods import METHODS
+
+    method = METHODS[name]
+    context = make_context()
+    context.run_config = {**SMALL_RUN, "method": name}
+    msg = server_message(phi_g, MessageType.TRAIN)
+    if method.needs_prior:
+        counts = [int(c) for c in task.class_counts(parse_run_config(context.run_config))]
+        msg.content["config"]["class-counts"] = counts
+    reply = client.train(msg, context)
+    (record,) = reply.content.array_records.values()
+    assert list(record.keys()) == ["ctx"], "a train reply carries phi_g only"
+    if method.personal_phase:
+        client.personalize(server_message(phi_g, PERSONALIZE, 2), context)
+    evaluation = client.evaluate(server_message(phi_g, MessageType.EVALUATE, 2), context).content["metrics"]
+    has_private = method.personal_phase or method.stage1_trains_private
+    assert bool(evaluation["personalized"]) == has_private
+    assert (client.PHI_K in context.state.array_records) == has_private
+    assert (client.METHOD_STATE in context.state.array_records) == (name in ("fed-grab", "lp-ft"))
