@@ -1,0 +1,116 @@
+"""A SuperNode's own data: the images of one site in a folder of its own (node-config ``data-dir``).
+
+Layout::
+
+    <data-dir>/
+        train.txt     # "relative/path label" per line: this node's training images
+        test.txt      # the same for its own test images (PM evaluation)
+        <the listed images, paths relative to data-dir>
+
+Labels use the class order of the run's ``dataset`` (the one the server
+evaluates GM on), so a node only needs its images and these two lists, never
+the whole dataset and never another node's files.
+
+``python -m fedpurel_app.data.local export`` writes such a folder from one
+partition of the Fed-LT split of a built-in dataset (for trying a deployment
+with the embedded data, or for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .folder import FileSplit, read_split_file
+
+SPLITS = ("train", "test")
+
+
+class NodeDataError(ValueError):
+    """A node's data-dir is missing, incomplete or inconsistent; the message says what to fix."""
+
+
+def load_node_data(data_dir: str, num_classes: int) -> tuple[FileSplit, FileSplit]:
+    """(train, test) splits of a node's ``data-dir``, every listed image checked to exist."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise NodeDataError(f"node data-dir {str(root)!r} is not a folder; it must hold train.txt and test.txt")
+    splits = []
+    for name in SPLITS:
+        listing = root / f"{name}.txt"
+        if not listing.is_file():
+            raise NodeDataError(
+                f"node data-dir {str(root)!r} has no {name}.txt (lines 'relative/path label', "
+                "labels in the class order of the run's dataset)"
+            )
+        try:
+            paths, labels = read_split_file(str(listing))
+        except ValueError as err:
+            raise NodeDataError(str(err)) from None
+        bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+        if len(bad):
+            raise NodeDataError(
+                f"{listing}: label {int(labels[bad[0]])} of {paths[bad[0]]!r} is outside [0, {num_classes - 1}] "
+                f"(the run's dataset has {num_classes} classes)"
+            )
+        missing = [p for p in paths if not (root / p).is_file()]
+        if missing:
+            raise NodeDataError(
+                f"{listing}: {len(missing)} of {len(paths)} listed images are missing "
+                f"(first: {root / missing[0]}); paths are relative to the data-dir"
+            )
+        escaping = [p for p in paths if not (root / p).resolve().is_relative_to(root.resolve())]
+        if escaping:
+            raise NodeDataError(f"{listing}: {escaping[0]!r} points outside the data-dir")
+        splits.append(FileSplit(str(root), np.asarray(paths), labels))
+    return splits[0], splits[1]
+
+
+def export_split(split, out: Path, name: str) -> int:
+    """Write a split's images as PNGs under ``out/name/`` and ``out/name.txt``; returns the count."""
+    (out / name).mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(len(split)):
+        rel = f"{name}/{i:06d}.png"
+        split.pil(i).save(out / rel)
+        lines.append(f"{rel} {int(split.labels[i])}")
+    (out / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    return len(lines)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fedpurel_app.data.local",
+        description="Write one partition of a built-in dataset's Fed-LT split as a node data-dir.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="write <out>/train.txt, test.txt and the images")
+    export.add_argument("out", type=Path)
+    export.add_argument("--partition-id", type=int, required=True)
+    export.add_argument("--num-partitions", type=int, required=True)
+    export.add_argument("config", nargs="*", help="run-config key=value overrides (dataset, seed, n-max, ...)")
+    args = parser.parse_args(argv)
+
+    import tomllib
+
+    from .. import task
+    from ..config import ConfigError, parse_run_config
+
+    try:
+        overrides = tomllib.loads("\n".join(args.config))
+        cfg = parse_run_config(overrides)
+        train, test = task.client_splits(cfg, args.partition_id, args.num_partitions)
+    except (ConfigError, ValueError, tomllib.TOMLDecodeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    n_train, n_test = export_split(train, args.out, "train"), export_split(test, args.out, "test")
+    print(f"wrote {n_train} train and {n_test} test images of partition {args.partition_id} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(_main())
