@@ -27,7 +27,8 @@ Handlers:
 
 from __future__ import annotations
 
-from logging import WARNING
+from logging import INFO, WARNING
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -54,13 +55,20 @@ def _partition(context: Context) -> tuple[int, int]:
     return node.partition_id, node.num_partitions
 
 
+def _feature_cache_dir(context: Context) -> str:
+    """A node with a state-dir keeps its feature cache there; others use the run's cache folder."""
+    state_dir = parse_node_config(context.node_config).state_dir
+    return str(Path(state_dir).expanduser() / "cache") if state_dir else ""
+
+
 def _features(cfg: RunConfig, context: Context) -> tuple[FeatureSet, FeatureSet]:
     """This client's (train, test) feature sets; what is cached lives in context.state."""
     pid, num = _partition(context)
+    data_dir = parse_node_config(context.node_config).data_dir
     kind = task.input_kind(cfg)
     key = repr((cfg.dataset, cfg.data_root, cfg.model, cfg.pretrained, cfg.seed, cfg.n_max,
                 cfg.imbalance_factor, cfg.dirichlet_alpha, cfg.min_client_samples,
-                cfg.client_test_size, pid, num, kind))
+                cfg.client_test_size, pid, num, kind, data_dir))
     cached_fields = ("labels", "zero_shot_logits") + (("features",) if kind == "features" else ())
     cached = context.state.config_records.get(FEATURES_KEY)
     if cached is not None and cached["key"] == key and FEATURES in context.state.array_records:
@@ -68,7 +76,7 @@ def _features(cfg: RunConfig, context: Context) -> tuple[FeatureSet, FeatureSet]
         device = task.load_clip(cfg).device
         inputs = (
             (arrays["train.features"], arrays["test.features"]) if kind == "features"
-            else task.client_inputs(cfg, pid, num)
+            else task.client_inputs(cfg, pid, num, data_dir)
         )
         return tuple(
             FeatureSet(
@@ -76,7 +84,7 @@ def _features(cfg: RunConfig, context: Context) -> tuple[FeatureSet, FeatureSet]
             )
             for split, x in zip(("train", "test"), inputs, strict=True)
         )
-    train, test = task.client_feature_sets(cfg, pid, num)
+    train, test = task.client_feature_sets(cfg, pid, num, data_dir, _feature_cache_dir(context))
     state = {
         f"{split}.{field}": getattr(data, field).cpu()
         for split, data in (("train", train), ("test", test))
@@ -117,9 +125,10 @@ def _keep_private(cfg: RunConfig, context: Context, peft: PeftVariant, method: M
 
 def _store(cfg: RunConfig, context: Context) -> NodeStateStore | None:
     """The node's durable private state folder (node-config ``state-dir``), if it has one."""
-    if not context.node_config.get("state-dir"):
+    node = parse_node_config(context.node_config)
+    if not node.state_dir:
         return None
-    return NodeStateStore(str(context.node_config["state-dir"]), run_state_key(cfg, *_partition(context)))
+    return NodeStateStore(node.state_dir, run_state_key(cfg, node.partition_id, node.num_partitions, node.data_dir))
 
 
 def _restore_phi_k(cfg: RunConfig, context: Context) -> None:
@@ -139,6 +148,7 @@ def _restore_phi_k(cfg: RunConfig, context: Context) -> None:
             return
         if saved is not None:
             context.state[key] = ArrayRecord(saved)
+            log(INFO, "Restored this node's %s from its state-dir", name)
 
 
 def _setup(msg: Message, context: Context):

@@ -11,7 +11,8 @@
 # Then: bash deploy/run.sh "<run-config overrides>"; bash deploy/stop.sh.
 # Settings come from the environment (deploy/common.sh): DEPLOY_DIR, SUPERLINK_HOST,
 # SUPERLINK_PORT, SUPERNODE_PORT_BASE, CONNECTION, and NODE_CONFIG_EXTRA (appended to
-# every SuperNode's --node-config), STARTUP_TIMEOUT (seconds, 90).
+# every SuperNode's --node-config), NODE_DATA_ROOT (node i gets data-dir='$NODE_DATA_ROOT/i':
+# its own images, see `python -m fedpurel_app.data.local`), STARTUP_TIMEOUT (seconds, 90).
 #
 # Node i gets --node-config "partition-id=i num-partitions=N state-dir='$DEPLOY_DIR/nodes/i/state'"
 # and its own FLWR_HOME ($DEPLOY_DIR/nodes/i/flwr-home, where the app is installed).
@@ -93,6 +94,10 @@ start_supernode() {  # start_supernode <index> <num-partitions>
   [ -f "$KEY_DIR/supernode-$i" ] || bash "$FEDPUREL_REPO/deploy/keys.sh" "$((i + 1))" >/dev/null
   if [ "$register" = 1 ] && [ "$insecure" = 0 ]; then register_key "$KEY_DIR/supernode-$i.pub" "$i"; fi
   local node_config="partition-id=$i num-partitions=$n state-dir='$node_dir/state' ${NODE_CONFIG_EXTRA:-}"
+  if [ -n "${NODE_DATA_ROOT:-}" ]; then
+    [ -d "$NODE_DATA_ROOT/$i" ] || die "NODE_DATA_ROOT=$NODE_DATA_ROOT has no folder $i for SuperNode $i"
+    node_config="$node_config data-dir='$(cd "$NODE_DATA_ROOT/$i" && pwd)'"
+  fi
   # Flower's node authentication requires TLS: --insecure drops both.
   local security=(--insecure)
   if [ "$insecure" = 0 ]; then

@@ -234,10 +234,14 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
 
 
 class NodeConfig(BaseModel):
-    """A SuperNode's node-config: which partition of the data it holds, where its state lives.
+    """A SuperNode's node-config: which data it holds, where its private state lives.
 
     Simulation sets ``partition-id`` and ``num-partitions``; a real SuperNode gets
-    them (and optionally ``state-dir``) from ``flower-supernode --node-config``.
+    them (and optionally ``state-dir`` and ``data-dir``) from ``flower-supernode
+    --node-config``. Without ``data-dir`` the node uses its partition of the run's
+    Fed-LT split; with it, the images listed in its own folder
+    (:mod:`fedpurel_app.data.local`), and ``partition-id`` only names the node
+    (seeds, state). ``state-dir`` holds phi_k and the node's feature cache.
     """
 
     model_config = ConfigDict(alias_generator=_to_kebab, populate_by_name=True, extra="forbid", frozen=True)
@@ -245,6 +249,7 @@ class NodeConfig(BaseModel):
     partition_id: int = Field(ge=0)
     num_partitions: int = Field(ge=1)
     state_dir: str = ""
+    data_dir: str = ""
 
     @model_validator(mode="after")
     def _partition_in_range(self) -> NodeConfig:
@@ -270,5 +275,5 @@ def parse_node_config(node_config: Mapping[str, Any]) -> NodeConfig:
             "Invalid node config:\n  - "
             + "\n  - ".join(problems)
             + '\nStart the SuperNode with --node-config "partition-id=<i> num-partitions=<n> '
-            "[state-dir='<folder>']\", then run again."
+            "[state-dir='<folder>'] [data-dir='<folder>']\", then run again."
         ) from None

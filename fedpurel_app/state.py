@@ -215,7 +215,10 @@ RUN_KEY_FIELDS = (
 )
 
 
-def run_state_key(cfg: Any, partition_id: int, num_partitions: int) -> dict[str, str]:
-    """The state key of a node's state under a run config (any object with the fields as attributes)."""
+def run_state_key(cfg: Any, partition_id: int, num_partitions: int, data_dir: str = "") -> dict[str, str]:
+    """The state key of a node's state under a run config (any object with the fields as attributes)
+    and the node's own data folder, if any."""
     fields = {name: getattr(cfg, name, None) for name in RUN_KEY_FIELDS}
+    if data_dir:
+        fields["data_dir"] = str(data_dir)
     return state_key(**fields, partition_id=int(partition_id), num_partitions=int(num_partitions))

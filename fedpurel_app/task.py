@@ -128,15 +128,16 @@ def model_inputs(cfg: RunConfig, split, features: torch.Tensor | None = None) ->
     return x.to(clip.device)
 
 
-def image_features(cfg: RunConfig, split, identity: str) -> torch.Tensor:
+def image_features(cfg: RunConfig, split, identity: str, cache_dir: str = "") -> torch.Tensor:
     """Frozen image features of a split: from the on-disk cache when ``feature-cache`` is on.
 
-    ``identity`` names the split's samples (dataset, split, indices) for the cache key.
+    ``identity`` names the split's samples (dataset, split, indices) for the cache key;
+    ``cache_dir`` overrides the run's cache folder (a node keeps its own in its state-dir).
     """
     clip = load_clip(cfg)
     if not cfg.feature_cache:
         return encode_images(clip, split)
-    cache_dir = cfg.cache_dir or str(default_cache_dir())
+    cache_dir = cache_dir or cfg.cache_dir or str(default_cache_dir())
     return cached_image_features(clip, split, f"{cfg.dataset}:{cfg.data_root}/{identity}", cache_dir)
 
 
@@ -144,15 +145,14 @@ def _digest(indices: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
-def feature_set(cfg: RunConfig, split, identity: str) -> FeatureSet:
+def feature_set(cfg: RunConfig, split, identity: str, cache_dir: str = "") -> FeatureSet:
     """A split's inputs for the run's PEFT variant, labels, and zero-shot logits z.
 
     z comes from the frozen image encoder and the dataset's template, whatever the variant.
     """
     clip = load_clip(cfg)
-    bundle = dataset(cfg.dataset, cfg.data_root)
     text = zero_shot_text(cfg)
-    features = image_features(cfg, split, identity)
+    features = image_features(cfg, split, identity, cache_dir)
     logits = zero_shot_logits(clip, features, text)
     labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)
     inputs = model_inputs(cfg, split, features)
@@ -166,26 +166,44 @@ def _client_indices(cfg: RunConfig, partition_id: int, num_partitions: int) -> t
     return split.client_train[partition_id], split.client_test[partition_id]
 
 
-def client_splits(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple:
-    """A client's (train, test) image splits: its own partition, nothing of others."""
+def client_splits(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str = "") -> tuple:
+    """A client's (train, test) image splits: the images of its node's ``data-dir`` when it
+    has one, else its partition of the run's Fed-LT split; nothing of other clients."""
     bundle = dataset(cfg.dataset, cfg.data_root)
+    if data_dir:
+        from .data.local import load_node_data
+
+        return load_node_data(data_dir, bundle.num_classes)
     train, test = _client_indices(cfg, partition_id, num_partitions)
     return bundle.train.subset(train), bundle.test.subset(test)
 
 
-def client_feature_sets(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[FeatureSet, FeatureSet]:
-    """A client's (train, test) feature sets: its own partition, nothing of others."""
-    train_idx, test_idx = _client_indices(cfg, partition_id, num_partitions)
-    train, test = client_splits(cfg, partition_id, num_partitions)
+def _split_identity(split, name: str, indices: np.ndarray | None) -> str:
+    """Cache identity of a client split: its indices in the dataset, or its node-local files."""
+    if indices is not None:
+        return f"{name}/{_digest(indices)}"
+    listing = "\n".join(f"{p} {y}" for p, y in zip(split.paths, split.labels, strict=True))
+    return f"node:{split.root}/{name}/{hashlib.sha256(listing.encode()).hexdigest()[:16]}"
+
+
+def client_feature_sets(
+    cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str = "", cache_dir: str = ""
+) -> tuple[FeatureSet, FeatureSet]:
+    """A client's (train, test) feature sets (see :func:`client_splits`); ``cache_dir``:
+    where its feature cache lives (default: the run's)."""
+    train, test = client_splits(cfg, partition_id, num_partitions, data_dir)
+    train_idx, test_idx = (None, None) if data_dir else _client_indices(cfg, partition_id, num_partitions)
     return (
-        feature_set(cfg, train, f"train/{_digest(train_idx)}"),
-        feature_set(cfg, test, f"test/{_digest(test_idx)}"),
+        feature_set(cfg, train, _split_identity(train, "train", train_idx), cache_dir),
+        feature_set(cfg, test, _split_identity(test, "test", test_idx), cache_dir),
     )
 
 
-def client_inputs(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
+def client_inputs(
+    cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Only the variant's inputs of a client's (train, test) splits (no zero-shot pass)."""
-    train, test = client_splits(cfg, partition_id, num_partitions)
+    train, test = client_splits(cfg, partition_id, num_partitions, data_dir)
     return model_inputs(cfg, train), model_inputs(cfg, test)
 
 

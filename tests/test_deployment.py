@@ -9,7 +9,12 @@ finalizer, also when a test fails. One federation serves the whole module:
 3. the app runs end to end on the 3 nodes (results.json checked);
 4. a SuperNode killed (SIGKILL of its process group: a crashed host) during Stage 1
    is detected by heartbeat and the run completes with the other two; restarted
-   with the same key, the node rejoins under the same node ID.
+   with the same key, the node rejoins under the same node ID;
+5. a SuperNode killed and restarted between two personalization rounds of one run
+   continues from the phi_k in its state-dir.
+
+Every node holds its own data folder (node-config data-dir, written from its
+partition of the embedded dataset before the federation starts) and reads nothing else.
 
 Ports are picked free at random, so the module runs beside other Flower processes.
 """
@@ -160,6 +165,15 @@ def fed(tmp_path_factory, request):
         assert left == [], f"processes left running after deploy/stop.sh: {left}"
 
     request.addfinalizer(stop)  # registered before starting: a half-started federation is stopped too
+    # Each node's own data: its partition of the embedded dataset, written as a data-dir.
+    for i in range(NUM_NODES):
+        export = subprocess.run(
+            [sys.executable, "-m", "fedpurel_app.data.local", str(federation.dir / "data" / str(i)),
+             "--partition-id", str(i), "--num-partitions", str(NUM_NODES), "--set", "client-test-size=30"],
+            cwd=REPO, env=federation.env, capture_output=True, text=True, timeout=300,
+        )
+        assert export.returncode == 0, export.stdout + export.stderr
+    federation.env["NODE_DATA_ROOT"] = str(federation.dir / "data")
     t0 = time.monotonic()
     out = federation.script("start.sh", str(NUM_NODES), timeout=300)
     federation.timings["start"] = time.monotonic() - t0
@@ -179,6 +193,7 @@ def test_tls_and_node_authentication_are_on(fed):
         assert node[node.index("--root-certificates") + 1] == str(fed.dir / "certs" / "ca.crt")
         assert node[node.index("--auth-supernode-private-key") + 1] == str(fed.dir / "keys" / f"supernode-{i}")
         assert f"partition-id={i} num-partitions={NUM_NODES} state-dir='{fed.dir}/nodes/{i}/state'" in " ".join(node)
+        assert f"data-dir='{fed.dir}/data/{i}'" in " ".join(node), "each node reads its own data folder"
     config = (fed.dir / "flwr-home" / "config.toml").read_text()
     assert f'root-certificates = "{fed.dir}/certs/ca.crt"' in config and "insecure" not in config
     # The SuperLink's certificate verifies against our CA for 127.0.0.1 ...
@@ -351,3 +366,51 @@ def test_a_restarted_supernode_keeps_its_phi_k_on_disk(fed):
     assert pm["num_clients"] == NUM_NODES
     assert pm["personalized_clients"] == NUM_NODES, "a node lost its phi_k across the restart"
     assert hashlib.sha256(phi_k.read_bytes()).hexdigest() == before
+
+
+def test_a_supernode_restarted_between_rounds_continues_from_its_phi_k(fed):
+    """Kill a node right after a personalization round of a run, restart it (same key, same
+    node ID, empty context.state): it restores phi_k from its state-dir and keeps personalizing."""
+    import hashlib
+
+    victim = 0
+    phi_k = fed.dir / "nodes" / str(victim) / "state" / "phi_k.safetensors"
+    out_dir = fed.dir / "outputs-between-rounds"
+    run = ("num-rounds=1 personal-rounds=3 local-epochs=1 personal-epochs=1 client-test-size=30 "
+           "min-nodes=2 round-timeout=90 seed=7")
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "deploy" / "run.sh"), run], cwd=REPO,
+        env={**fed.env, "OUTPUT_DIR": str(out_dir)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    saved = None
+    restarter = None
+    timer = threading.Timer(900, proc.kill)
+    timer.start()
+
+    def restart():
+        fed.script("stop.sh", "--node", str(victim), timeout=60)
+        fed.script("start.sh", "--node", str(victim), timeout=150)
+
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if saved is None and "[fedpurel] round 2/4 personal" in line:  # the first Stage-2 round is done
+                _kill_group(fed.pids()[f"supernode-{victim}"])
+                saved = hashlib.sha256(phi_k.read_bytes()).hexdigest()
+                log_offset = len(fed.log(f"supernode-{victim}"))
+                restarter = threading.Thread(target=restart)
+                restarter.start()
+        rc = proc.wait()
+    finally:
+        timer.cancel()
+        if restarter is not None:
+            restarter.join(timeout=200)
+    text = "".join(lines)
+    assert saved is not None, "the run never finished a personalization round:\n" + text[-4000:]
+    assert rc == 0 and "finished:completed" in text, text[-4000:]
+    logs = fed.log(f"supernode-{victim}")[log_offset:]  # what the restarted process wrote
+    assert "Restored this node's phi_k from its state-dir" in logs, logs[-3000:]
+    assert hashlib.sha256(phi_k.read_bytes()).hexdigest() != saved, "the restarted node never trained again"
+    pm = _results(out_dir)["final"]["pm"]
+    assert pm["num_clients"] == NUM_NODES and pm["personalized_clients"] == NUM_NODES

@@ -11,7 +11,7 @@ Labels use the class order of the run's ``dataset`` (the one the server
 evaluates GM on), so a node only needs its images and these two lists, never
 the whole dataset and never another node's files.
 
-``python -m fedpurel_app.data.local export`` writes such a folder from one
+``python -m fedpurel_app.data.local OUT --partition-id I --num-partitions N`` writes such a folder from one
 partition of the Fed-LT split of a built-in dataset (for trying a deployment
 with the embedded data, or for tests).
 """
@@ -57,15 +57,15 @@ def load_node_data(data_dir: str, num_classes: int) -> tuple[FileSplit, FileSpli
                 f"{listing}: label {int(labels[bad[0]])} of {paths[bad[0]]!r} is outside [0, {num_classes - 1}] "
                 f"(the run's dataset has {num_classes} classes)"
             )
+        escaping = [p for p in paths if not (root / p).resolve().is_relative_to(root.resolve())]
+        if escaping:
+            raise NodeDataError(f"{listing}: {escaping[0]!r} points outside the data-dir")
         missing = [p for p in paths if not (root / p).is_file()]
         if missing:
             raise NodeDataError(
                 f"{listing}: {len(missing)} of {len(paths)} listed images are missing "
                 f"(first: {root / missing[0]}); paths are relative to the data-dir"
             )
-        escaping = [p for p in paths if not (root / p).resolve().is_relative_to(root.resolve())]
-        if escaping:
-            raise NodeDataError(f"{listing}: {escaping[0]!r} points outside the data-dir")
         splits.append(FileSplit(str(root), np.asarray(paths), labels))
     return splits[0], splits[1]
 
@@ -87,12 +87,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
         prog="python -m fedpurel_app.data.local",
         description="Write one partition of a built-in dataset's Fed-LT split as a node data-dir.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export", help="write <out>/train.txt, test.txt and the images")
-    export.add_argument("out", type=Path)
-    export.add_argument("--partition-id", type=int, required=True)
-    export.add_argument("--num-partitions", type=int, required=True)
-    export.add_argument("config", nargs="*", help="run-config key=value overrides (dataset, seed, n-max, ...)")
+    parser.add_argument("out", type=Path, help="the node's data-dir to write (train.txt, test.txt, images)")
+    parser.add_argument("--partition-id", type=int, required=True)
+    parser.add_argument("--num-partitions", type=int, required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="run-config override (TOML value), e.g. --set seed=1; repeatable")
     args = parser.parse_args(argv)
 
     import tomllib
@@ -101,7 +100,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     from ..config import ConfigError, parse_run_config
 
     try:
-        overrides = tomllib.loads("\n".join(args.config))
+        overrides = tomllib.loads("\n".join(args.set))
         cfg = parse_run_config(overrides)
         train, test = task.client_splits(cfg, args.partition_id, args.num_partitions)
     except (ConfigError, ValueError, tomllib.TOMLDecodeError) as err:
