@@ -27,6 +27,7 @@ from fedpurel_app.methods import method_class
 from fedpurel_app.metrics import pm_summary
 from fedpurel_app.results import RunRecorder, new_run_dir
 
+from .exchange import send_and_receive
 from .strategy import FedPuReLStrategy
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -114,7 +115,7 @@ def _run(grid: Grid, cfg: RunConfig, setup: _Setup) -> None:
     train_config = ConfigRecord({"class-counts": [int(c) for c in counts]} if method.needs_prior else {})
 
     def exchange(messages):
-        return list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        return send_and_receive(grid, messages, cfg.round_timeout)
 
     def evaluate_pm(server_round: int) -> dict | None:
         replies = exchange(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))

@@ -234,3 +234,38 @@ def test_every_method_runs_through_the_client_app_and_keeps_its_private_state(ph
     assert bool(evaluation["personalized"]) == has_private
     assert (client.PHI_K in context.state.array_records) == has_private
     assert (client.METHOD_STATE in context.state.array_records) == (name in ("fed-grab", "lp-ft"))
+
+
+class FakeGrid:
+    """Replies arrive one pull after another; counts pulls."""
+
+    def __init__(self, replies_per_pull: list[list[str]]):
+        self.batches = replies_per_pull
+        self.pulls = 0
+
+    def push_messages(self, messages):
+        return [m for m in messages]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        batch = self.batches.pop(0) if self.batches else []
+        return [type("Reply", (), {"metadata": type("M", (), {"reply_to_message_id": i})()})() for i in batch]
+
+
+def test_exchange_polls_quickly_and_stops_when_every_reply_arrived():
+    import time
+
+    from server_app.exchange import send_and_receive
+
+    grid = FakeGrid([["a"], [], ["b", "c"]])
+    t0 = time.monotonic()
+    replies = send_and_receive(grid, ["a", "b", "c"], timeout=30, pull_interval=0.01)
+    assert len(replies) == 3 and grid.pulls == 3 and time.monotonic() - t0 < 1.0
+
+
+def test_exchange_gives_up_after_the_timeout_with_what_arrived():
+    from server_app.exchange import send_and_receive
+
+    grid = FakeGrid([["a"]])
+    replies = send_and_receive(grid, ["a", "b"], timeout=0.2, pull_interval=0.01)
+    assert len(replies) == 1 and grid.pulls > 3
