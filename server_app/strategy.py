@@ -157,6 +157,9 @@ class FedPuReLStrategy(FedAvg):
                 f"round {server_round}: only {len(kept)} valid client update(s), "
                 f"at least {self.min_valid_replies} needed; see the dropped replies above"
             )
+        # Replies arrive in any order; a fixed order makes the floating-point sum, and so the
+        # run, reproducible.
+        kept.sort(key=lambda msg: msg.metadata.src_node_id)
         return super().aggregate_train(server_round, kept)
 
     def evaluate_problem(self, msg: Message) -> str | None:

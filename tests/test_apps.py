@@ -269,3 +269,14 @@ def test_exchange_gives_up_after_the_timeout_with_what_arrived():
     grid = FakeGrid([["a"]])
     replies = send_and_receive(grid, ["a", "b"], timeout=0.2, pull_interval=0.01)
     assert len(replies) == 1 and grid.pulls > 3
+
+
+def test_aggregation_does_not_depend_on_the_order_replies_arrive_in():
+    strategy = FedPuReLStrategy({"ctx": (4, 8)}, max_examples=10**6)
+    request = server_message({"ctx": torch.zeros(4, 8)}, MessageType.TRAIN)
+    g = torch.Generator().manual_seed(0)
+    replies = [reply({"ctx": torch.randn(4, 8, generator=g)}, int(n), node, request)
+               for node, n in zip(range(1, 8), torch.randint(1, 1000, (7,), generator=g))]
+    first, _ = strategy.aggregate_train(1, replies)
+    second, _ = strategy.aggregate_train(1, replies[::-1])
+    assert np.array_equal(first["ctx"].numpy(), second["ctx"].numpy())
