@@ -170,7 +170,7 @@ def train(msg: Message, context: Context) -> Message:
         seeded_generator(cfg.seed, 1, server_round, pid), method,
     )
     _keep_private(cfg, context, peft, method, phi_k=method.stage1_trains_private)
-    metrics = MetricRecord({"num-examples": len(data), **stats.means()})
+    metrics = MetricRecord({"num-examples": len(data), "partition-id": pid, **stats.means()})
     return Message(
         RecordDict({"arrays": ArrayRecord(peft.global_state()), "metrics": metrics}), reply_to=msg
     )
@@ -197,12 +197,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     Replies the predictions and labels (integers) so that the server can pool
     Many / Medium / Few over clients; no parameters.
     """
-    cfg, peft, method, _, test, _, _ = _setup(msg, context)
+    cfg, peft, method, _, test, _, pid = _setup(msg, context)
     personalized = PHI_K in context.state.array_records
     precision = task.precision(cfg)
     metrics = MetricRecord(
         {
             "num-examples": len(test),
+            "partition-id": pid,
             "personalized": int(personalized),
             "labels": test.labels.tolist(),
             "pm-preds": predict(peft, test.features, personalized, precision, method.personal_logits).tolist(),

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -53,12 +55,29 @@ class FedPuReLStrategy(FedAvg):
         self.min_valid_replies = min_valid_replies
         self.num_classes = num_classes
         self.last_sampled: list[int] = []
+        # node id -> the partition-id it reports. Node ids are random per simulation run;
+        # ordering nodes by partition makes sampling and aggregation reproducible.
+        self.partitions: dict[int, int] = {}
+
+    def note_partitions(self, replies: Iterable[Message]) -> None:
+        """Remember the ``partition-id`` each replying node reports in its metrics."""
+        for msg in replies:
+            if msg.has_error():
+                continue
+            for record in msg.content.metric_records.values():
+                pid = record.get("partition-id")
+                if isinstance(pid, int) and not isinstance(pid, bool):
+                    self.partitions[msg.metadata.src_node_id] = pid
+
+    def _order(self, node_id: int) -> tuple[float, int]:
+        """Sort key: by reported partition, then (nodes that never replied) by node id."""
+        return (self.partitions.get(node_id, math.inf), node_id)
 
     def _nodes(self, grid: Grid) -> list[int]:
-        """All connected nodes, sorted, once at least ``min_available_nodes`` are up."""
+        """All connected nodes, in :meth:`_order`, once at least ``min_available_nodes`` are up."""
         import time
 
-        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
+        while len(nodes := sorted(grid.get_node_ids(), key=self._order)) < self.min_available_nodes:
             log(INFO, "Waiting for nodes: %d of %d connected", len(nodes), self.min_available_nodes)
             time.sleep(1)
         return nodes
@@ -141,6 +160,8 @@ class FedPuReLStrategy(FedAvg):
 
         Raises RuntimeError when fewer than ``min_valid_replies`` valid replies remain.
         """
+        replies = list(replies)
+        self.note_partitions(replies)
         kept = []
         for msg in replies:
             problem = self.reply_problem(msg)
@@ -159,7 +180,7 @@ class FedPuReLStrategy(FedAvg):
             )
         # Replies arrive in any order; a fixed order makes the floating-point sum, and so the
         # run, reproducible.
-        kept.sort(key=lambda msg: msg.metadata.src_node_id)
+        kept.sort(key=lambda msg: self._order(msg.metadata.src_node_id))
         return super().aggregate_train(server_round, kept)
 
     def evaluate_problem(self, msg: Message) -> str | None:
@@ -190,7 +211,9 @@ class FedPuReLStrategy(FedAvg):
 
     def evaluate_replies(self, replies: Iterable[Message]) -> list[MetricRecord]:
         """The metric records of the successful, well-formed evaluation replies; others are logged."""
-        valid, _ = self._check_and_log_replies(list(replies), is_train=False, validate=False)
+        replies = list(replies)
+        self.note_partitions(replies)
+        valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
         kept = []
         for msg in valid:
             problem = self.evaluate_problem(msg)

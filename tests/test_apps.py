@@ -236,7 +236,7 @@ def test_every_method_runs_through_the_client_app_and_keeps_its_private_state(ph
     assert (client.METHOD_STATE in context.state.array_records) == (name in ("fed-grab", "lp-ft"))
 
 
-class FakeGrid:
+class PollingGrid:
     """Replies arrive one pull after another; counts pulls."""
 
     def __init__(self, replies_per_pull: list[list[str]]):
@@ -257,7 +257,7 @@ def test_exchange_polls_quickly_and_stops_when_every_reply_arrived():
 
     from server_app.exchange import send_and_receive
 
-    grid = FakeGrid([["a"], [], ["b", "c"]])
+    grid = PollingGrid([["a"], [], ["b", "c"]])
     t0 = time.monotonic()
     replies = send_and_receive(grid, ["a", "b", "c"], timeout=30, pull_interval=0.01)
     assert len(replies) == 3 and grid.pulls == 3 and time.monotonic() - t0 < 1.0
@@ -266,7 +266,7 @@ def test_exchange_polls_quickly_and_stops_when_every_reply_arrived():
 def test_exchange_gives_up_after_the_timeout_with_what_arrived():
     from server_app.exchange import send_and_receive
 
-    grid = FakeGrid([["a"]])
+    grid = PollingGrid([["a"]])
     replies = send_and_receive(grid, ["a", "b"], timeout=0.2, pull_interval=0.01)
     assert len(replies) == 1 and grid.pulls > 3
 
@@ -280,3 +280,24 @@ def test_aggregation_does_not_depend_on_the_order_replies_arrive_in():
     first, _ = strategy.aggregate_train(1, replies)
     second, _ = strategy.aggregate_train(1, replies[::-1])
     assert np.array_equal(first["ctx"].numpy(), second["ctx"].numpy())
+
+
+def test_sampling_follows_the_partitions_nodes_report_not_their_random_ids():
+    """Simulation gives nodes random ids each run: the same seed must sample the same partitions."""
+
+    def sampled_partitions(node_ids):
+        strategy = FedPuReLStrategy({"ctx": (2, 3)}, fraction_train=0.4, seed=3)
+        request = server_message({"ctx": torch.zeros(2, 3)}, MessageType.TRAIN)
+        replies = []
+        for pid, node in enumerate(node_ids):
+            msg = reply({"ctx": torch.ones(2, 3)}, 10, node, request)
+            msg.content["metrics"]["partition-id"] = pid
+            replies.append(msg)
+        strategy.note_partitions(replies)
+        grid = type("G", (), {"get_node_ids": lambda self: list(node_ids)})()
+        by_node = {node: pid for pid, node in enumerate(node_ids)}
+        return sorted(by_node[n] for n in strategy.sample(2, grid))
+
+    rng = np.random.default_rng(0)
+    runs = [sampled_partitions([int(x) for x in rng.choice(10**9, 10, replace=False)]) for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2] and len(runs[0]) == 4
