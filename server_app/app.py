@@ -132,6 +132,7 @@ def _run(grid: Grid, cfg: RunConfig, setup: _Setup) -> None:
     if setup.resumed is not None:
         done, arrays = setup.resumed.round, ArrayRecord(setup.resumed.phi_g)
         log(INFO, "[fedpurel] resuming %s after round %d (%s phase)", recorder.run_dir, done, setup.resumed.phase)
+        evaluate_pm(done)  # node ids change across restarts: learn again which node holds which partition
     else:
         zero_shot_pm = evaluate_pm(0)
         recorder.zero_shot(
