@@ -64,7 +64,7 @@ METRICS = (
     Metric("pm_medium", "PM Medium", "pm", "medium"),
     Metric("pm_few", "PM Few", "pm", "few"),
     Metric("pm_worst_class", "PM worst class", "pm", "balancedness"),
-    Metric("wall_time_s", "wall time (s)", "time", "wall_time"),
+    Metric("wall_time_s", "rounds wall time (s)", "time", "wall_time"),
 )
 METRIC = {metric.key: metric for metric in METRICS}
 TABLE_METRICS = ("gm_all", "gm_many", "gm_medium", "gm_few", "gm_worst_class", "pm_all", "wall_time_s")
@@ -141,13 +141,13 @@ def _order(name: str) -> tuple[int, str]:
 
 
 def groups(runs: list[dict]) -> list[Group]:
-    """The zero-shot row (every run), then one group per method in ``METHODS`` order, others by name."""
+    """The zero-shot row (from every run, unless the ``zero-shot`` method ran: then its own
+    row), then one group per method in ``METHODS`` order, others by name."""
     by_method: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         by_method[run_method(run)].append(run)
-    return [Group(ZERO_SHOT_ROW, runs, zero_shot=True)] + [
-        Group(name, by_method[name]) for name in sorted(by_method, key=_order)
-    ]
+    first = [] if "zero-shot" in by_method else [Group(ZERO_SHOT_ROW, runs, zero_shot=True)]
+    return first + [Group(name, by_method[name]) for name in sorted(by_method, key=_order)]
 
 
 def nan_mean(values: Iterable[float]) -> float:

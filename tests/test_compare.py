@@ -270,3 +270,9 @@ def test_report_cli_prints_a_flat_folder_and_writes_on_request(fabricated, tmp_p
     assert report_main([str(fabricated), "--write-to", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "results.csv").is_file()
     assert report_main([str(tmp_path / "missing")]) == 2
+
+
+def test_a_zero_shot_method_run_replaces_the_zero_shot_row(fabricated):
+    write_run(fabricated, "zero-shot", 0, 0.6, 0.1, 0.6, 2)
+    rows = [line.split("|")[1].strip() for line in table(load_runs(fabricated)).splitlines()[2:]]
+    assert rows == ["zero-shot", "fedpurel", "pft"]
