@@ -15,7 +15,9 @@ a TaskIdentity set), and their replies are serialised with Flower's own code
   the whole message as one protobuf.
 
 The ratio is reply bytes / raw bytes of phi_g's tensors (target <= 1.05x for a
-Stage-1 reply). phi_k's bytes are searched for in every serialised reply
+Stage-1 reply). The overhead is nearly constant per reply (keys, shapes, metrics,
+object headers), so the script also prices the same reply with a phi_g of the
+shapes it has on the paper's CLIP ViT-B/16 (random values, same serialisation). phi_k's bytes are searched for in every serialised reply
 (target: 0 occurrences). The downlink (server -> client, phi_g + round) is
 printed for information.
 
@@ -77,6 +79,27 @@ def contains(blob: bytes, state: dict) -> int:
     return hits
 
 
+# phi_g of the paper's model, CLIP ViT-B/16 (text width 512, vision width 768, 12 blocks):
+# a 16-token CoOp context, FedCLIP's adapter on the 512-d embedding, LoRA r = 8 on q/k/v.
+PAPER_PHI_G = {
+    "prompt": {"ctx": (16, 512)},
+    "adapter": {"fc1.weight": (512, 512), "fc1.bias": (512,), "fc2.weight": (512, 512), "fc2.bias": (512,)},
+    "lora": {
+        f"blocks.{b}.attn.{m}.lora_{ab}.weight": ((8, 768) if ab == "A" else (768, 8))
+        for b in range(12) for m in ("q_proj", "k_proj", "v_proj") for ab in ("A", "B")
+    },
+}
+
+
+def paper_size_uplink(train_reply: Message, variant: str) -> tuple[int, int]:
+    """(raw phi_g bytes, reply object bytes) of the same train reply with phi_g of the paper's shapes."""
+    g = torch.Generator().manual_seed(0)
+    phi_g = {k: torch.randn(shape, generator=g) for k, shape in PAPER_PHI_G[variant].items()}
+    metrics = train_reply.content["metrics"]
+    reply = Message(RecordDict({"arrays": ArrayRecord(phi_g), "metrics": metrics}), reply_to=train_reply)
+    return raw_bytes(phi_g), object_bytes(reply)[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="prompt,adapter,lora")
@@ -113,6 +136,9 @@ def main() -> None:
         n_train, _ = object_bytes(train)
         print(f"  => Stage-1 uplink per client per round: {n_train} B = {n_train / raw:.3f}x phi_g "
               f"(target <= 1.05x), overhead {n_train - raw} B; phi_k on the wire: 0 B", flush=True)
+        paper_raw, paper_obj = paper_size_uplink(train, variant)
+        print(f"  => same reply with phi_g of CLIP ViT-B/16's shapes ({paper_raw} B raw): {paper_obj} B = "
+              f"{paper_obj / paper_raw:.4f}x phi_g, overhead {paper_obj - paper_raw} B", flush=True)
 
 
 if __name__ == "__main__":
