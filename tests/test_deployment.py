@@ -83,9 +83,9 @@ class Federation:
         self.env.pop("FLWR_HOME", None)
         self.timings: dict[str, float] = {}
 
-    def script(self, name: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    def script(self, name: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
-            ["bash", str(REPO / "deploy" / name), *args], cwd=REPO, env=self.env,
+            ["bash", str(REPO / "deploy" / name), *args], cwd=REPO, env=env or self.env,
             capture_output=True, text=True, timeout=timeout,
         )
 
@@ -222,7 +222,8 @@ def test_tls_and_node_authentication_are_on(fed):
 
 def test_a_supernode_without_a_registered_key_is_refused(fed):
     registered = {n["node-id"] for n in fed.nodes()}
-    out = fed.script("start.sh", "--node", str(NUM_NODES), "--no-register", timeout=120)
+    no_data = {k: v for k, v in fed.env.items() if k != "NODE_DATA_ROOT"}  # an intruder brings no data folder
+    out = fed.script("start.sh", "--node", str(NUM_NODES), "--no-register", timeout=120, env=no_data)
     assert out.returncode == 0, out.stdout + out.stderr
     pid = fed.pids()[f"supernode-{NUM_NODES}"]
     deadline = time.monotonic() + 90
@@ -369,48 +370,55 @@ def test_a_restarted_supernode_keeps_its_phi_k_on_disk(fed):
 
 
 def test_a_supernode_restarted_between_rounds_continues_from_its_phi_k(fed):
-    """Kill a node right after a personalization round of a run, restart it (same key, same
-    node ID, empty context.state): it restores phi_k from its state-dir and keeps personalizing."""
+    """Restart a node (stop.sh / start.sh --node: same key, same node ID, a fresh process with
+    an empty context.state) right after a personalization round of a run: it restores phi_k
+    from its state-dir and keeps personalizing in the run's next rounds."""
     import hashlib
 
     victim = 0
     phi_k = fed.dir / "nodes" / str(victim) / "state" / "phi_k.safetensors"
     out_dir = fed.dir / "outputs-between-rounds"
-    run = ("num-rounds=1 personal-rounds=3 local-epochs=1 personal-epochs=1 client-test-size=30 "
-           "min-nodes=2 round-timeout=90 seed=7")
+    run = ("num-rounds=1 personal-rounds=6 local-epochs=1 personal-epochs=1 client-test-size=30 "
+           "min-nodes=2 round-timeout=120 seed=7")
     proc = subprocess.Popen(
         ["bash", str(REPO / "deploy" / "run.sh"), run], cwd=REPO,
         env={**fed.env, "OUTPUT_DIR": str(out_dir)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines: list[str] = []
-    saved = None
-    restarter = None
-    timer = threading.Timer(900, proc.kill)
+    state: dict = {}
+    timer = threading.Timer(1200, proc.kill)
     timer.start()
 
     def restart():
         fed.script("stop.sh", "--node", str(victim), timeout=60)
-        fed.script("start.sh", "--node", str(victim), timeout=150)
+        state["log_offset"] = len(fed.log(f"supernode-{victim}"))
+        deadline = time.monotonic() + 150  # a crashed node's key is free again once the SuperLink marks it offline
+        while time.monotonic() < deadline:
+            fed.script("start.sh", "--node", str(victim), timeout=150)
+            if fed.node_id(victim) in fed.online():
+                state["back"] = time.monotonic()
+                return
+            fed.script("stop.sh", "--node", str(victim), timeout=60)
+            time.sleep(5)
 
+    restarter = threading.Thread(target=restart)
     try:
         for line in proc.stdout:
             lines.append(line)
-            if saved is None and "[fedpurel] round 2/4 personal" in line:  # the first Stage-2 round is done
-                _kill_group(fed.pids()[f"supernode-{victim}"])
-                saved = hashlib.sha256(phi_k.read_bytes()).hexdigest()
-                log_offset = len(fed.log(f"supernode-{victim}"))
-                restarter = threading.Thread(target=restart)
+            if "saved" not in state and "[fedpurel] round 2/7 personal" in line:  # first Stage-2 round done
+                state["saved"] = hashlib.sha256(phi_k.read_bytes()).hexdigest()
                 restarter.start()
         rc = proc.wait()
     finally:
         timer.cancel()
-        if restarter is not None:
-            restarter.join(timeout=200)
+        if restarter.is_alive():
+            restarter.join(timeout=300)
     text = "".join(lines)
-    assert saved is not None, "the run never finished a personalization round:\n" + text[-4000:]
+    assert "saved" in state, "the run never finished a personalization round:\n" + text[-4000:]
     assert rc == 0 and "finished:completed" in text, text[-4000:]
-    logs = fed.log(f"supernode-{victim}")[log_offset:]  # what the restarted process wrote
+    assert "back" in state, "the restarted node never came back online:\n" + fed.log(f"supernode-{victim}")[-3000:]
+    logs = fed.log(f"supernode-{victim}")[state["log_offset"]:]  # what the restarted process wrote
     assert "Restored this node's phi_k from its state-dir" in logs, logs[-3000:]
-    assert hashlib.sha256(phi_k.read_bytes()).hexdigest() != saved, "the restarted node never trained again"
+    assert hashlib.sha256(phi_k.read_bytes()).hexdigest() != state["saved"], "the restarted node never trained again"
     pm = _results(out_dir)["final"]["pm"]
     assert pm["num_clients"] == NUM_NODES and pm["personalized_clients"] == NUM_NODES

@@ -70,14 +70,23 @@ class DirectGrid:
     def get_node_ids(self):
         return list(self.contexts)
 
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for msg in messages:
+    def push_messages(self, messages):
+        """Run each message's handler at once; its reply waits for pull_messages."""
+        self.replies = getattr(self, "replies", {})
+        ids = []
+        for i, msg in enumerate(messages):
             rnd = int(msg.content["config"]["server-round"])
             if rnd == self.kill_at_round:
                 raise Killed(f"killed while sending round {rnd}")
-            replies.append(self.HANDLERS[msg.metadata.message_type](msg, self.contexts[msg.metadata.dst_node_id]))
-        return replies
+            msg.metadata.__dict__["_message_id"] = f"{rnd}-{msg.metadata.message_type}-{i}"
+            self.replies[msg.metadata.message_id] = self.HANDLERS[msg.metadata.message_type](
+                msg, self.contexts[msg.metadata.dst_node_id]
+            )
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
 def run_server(run_config: dict, grid: DirectGrid) -> None:
