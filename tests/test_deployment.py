@@ -392,13 +392,17 @@ def test_a_supernode_restarted_between_rounds_continues_from_its_phi_k(fed):
     def restart():
         fed.script("stop.sh", "--node", str(victim), timeout=60)
         state["log_offset"] = len(fed.log(f"supernode-{victim}"))
-        deadline = time.monotonic() + 150  # a crashed node's key is free again once the SuperLink marks it offline
+        # The SuperLink refuses the key (exit 305) until it has marked the old process offline:
+        # start again whenever the new process exits, until the node is online.
+        deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            fed.script("start.sh", "--node", str(victim), timeout=150)
-            if fed.node_id(victim) in fed.online():
-                state["back"] = time.monotonic()
-                return
-            fed.script("stop.sh", "--node", str(victim), timeout=60)
+            fed.script("start.sh", "--node", str(victim), timeout=60)
+            pid = fed.pids()[f"supernode-{victim}"]
+            while time.monotonic() < deadline and _running(pid):
+                if fed.node_id(victim) in fed.online():
+                    state["back"] = time.monotonic()
+                    return
+                time.sleep(1)
             time.sleep(5)
 
     restarter = threading.Thread(target=restart)
