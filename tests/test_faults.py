@@ -23,26 +23,32 @@ class FaultyGrid(DirectGrid):
         super().__init__(run_config)
         self.faults = faults  # (node, message type, round) -> "crash" | "silent" | "nan"
 
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for msg in messages:
-            key = (msg.metadata.dst_node_id, msg.metadata.message_type, int(msg.content["config"]["server-round"]))
-            fault = self.faults.get(key)
+    def push_messages(self, messages):
+        """Run each handler; a "silent" node never replies (the server waits until round-timeout)."""
+        self.replies = getattr(self, "replies", {})
+        ids = []
+        for i, msg in enumerate(messages):
+            rnd = int(msg.content["config"]["server-round"])
+            msg.metadata.__dict__["_message_id"] = f"{rnd}-{msg.metadata.message_type}-{i}"
+            ids.append(msg.metadata.message_id)
+            fault = self.faults.get((msg.metadata.dst_node_id, msg.metadata.message_type, rnd))
             if fault == "silent":
                 continue
             if fault == "crash":
-                replies.append(Message(Error(code=0, reason="ClientApp raised RuntimeError"), reply_to=msg))
+                self.replies[msg.metadata.message_id] = Message(
+                    Error(code=0, reason="ClientApp raised RuntimeError"), reply_to=msg
+                )
                 continue
             reply = self.HANDLERS[msg.metadata.message_type](msg, self.contexts[msg.metadata.dst_node_id])
             if fault == "nan":
                 arrays = reply.content["arrays"].to_torch_state_dict()
                 reply.content["arrays"] = ArrayRecord({k: torch.full_like(v, float("nan")) for k, v in arrays.items()})
-            replies.append(reply)
-        return replies
+            self.replies[msg.metadata.message_id] = reply
+        return ids
 
 
 def test_a_run_survives_crashing_silent_and_poisoned_clients(tmp_path, caplog):
-    config = {**RUN, "output-dir": str(tmp_path)}
+    config = {**RUN, "output-dir": str(tmp_path), "round-timeout": 1.0}  # the silent node's wait
     faults = {
         (100, MessageType.TRAIN, 1): "crash",
         (101, MessageType.TRAIN, 1): "nan",
