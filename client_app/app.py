@@ -15,6 +15,11 @@ Private state lives in ``context.state`` and never enters a reply:
   recomputed from the dataset in every message, which costs one pass of
   CLIP's preprocessing and no encoder pass.
 
+The client's data is its node-config ``data-dir`` (its own image folder) when
+set, else its ``partition-id`` of the run's Fed-LT split. A node with a
+``state-dir`` keeps its feature cache there too. Train and evaluate replies
+carry the node's ``partition-id`` so that the server samples in partition order.
+
 Handlers:
 
 - ``train``               Stage 1: the method's (purified) local update of phi_g;
