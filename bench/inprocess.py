@@ -75,7 +75,7 @@ def run_inprocess(cfg: RunConfig, num_clients: int) -> dict:
             for k in range(num_clients):
                 load(k)
                 methods[k].personalize(model, clients[k][0], seeded_generator(cfg.seed, 2, cfg.num_rounds + step, k),
-                                       first=phi_k[k] is None, precision="fp32")
+                                       first=phi_k[k] is None, precision=task.precision(cfg))
                 phi_k[k] = model.private_state()
     preds, gpreds, labels = [], [], []
     for k in range(num_clients):

@@ -40,7 +40,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from fedpurel_app import task
-from fedpurel_app.config import RunConfig, parse_node_config, parse_run_config
+from fedpurel_app.config import NodeConfig, RunConfig, parse_node_config, parse_run_config
 from fedpurel_app.methods import Method, build_method
 from fedpurel_app.peft import PeftVariant
 from fedpurel_app.state import NodeStateStore, StateError, run_state_key
@@ -54,22 +54,14 @@ FEATURES_KEY = "fedpurel.features-key"
 app = ClientApp()
 
 
-def _partition(context: Context) -> tuple[int, int]:
-    """(partition-id, num-partitions) from the validated node-config."""
-    node = parse_node_config(context.node_config)
-    return node.partition_id, node.num_partitions
-
-
-def _feature_cache_dir(context: Context) -> str:
+def _feature_cache_dir(node: NodeConfig) -> str:
     """A node with a state-dir keeps its feature cache there; others use the run's cache folder."""
-    state_dir = parse_node_config(context.node_config).state_dir
-    return str(Path(state_dir).expanduser() / "cache") if state_dir else ""
+    return str(Path(node.state_dir).expanduser() / "cache") if node.state_dir else ""
 
 
-def _features(cfg: RunConfig, context: Context) -> tuple[FeatureSet, FeatureSet]:
+def _features(cfg: RunConfig, node: NodeConfig, context: Context) -> tuple[FeatureSet, FeatureSet]:
     """This client's (train, test) feature sets; what is cached lives in context.state."""
-    pid, num = _partition(context)
-    data_dir = parse_node_config(context.node_config).data_dir
+    pid, num, data_dir = node.partition_id, node.num_partitions, node.data_dir
     kind = task.input_kind(cfg)
     key = repr((cfg.dataset, cfg.data_root, cfg.model, cfg.pretrained, cfg.seed, cfg.n_max,
                 cfg.imbalance_factor, cfg.dirichlet_alpha, cfg.min_client_samples,
@@ -89,7 +81,7 @@ def _features(cfg: RunConfig, context: Context) -> tuple[FeatureSet, FeatureSet]
             )
             for split, x in zip(("train", "test"), inputs, strict=True)
         )
-    train, test = task.client_feature_sets(cfg, pid, num, data_dir, _feature_cache_dir(context))
+    train, test = task.client_feature_sets(cfg, pid, num, data_dir, _feature_cache_dir(node))
     state = {
         f"{split}.{field}": getattr(data, field).cpu()
         for split, data in (("train", train), ("test", test))
@@ -114,10 +106,12 @@ def _model(cfg: RunConfig, msg: Message, context: Context) -> tuple[PeftVariant,
     return peft, method
 
 
-def _keep_private(cfg: RunConfig, context: Context, peft: PeftVariant, method: Method, phi_k: bool) -> None:
+def _keep_private(
+    cfg: RunConfig, node: NodeConfig, context: Context, peft: PeftVariant, method: Method, phi_k: bool
+) -> None:
     """Keep the method's private tensors and, when ``phi_k`` (it was trained), phi_k in the
     node's state and its state-dir. A node holding phi_k is personalized."""
-    store = _store(cfg, context)
+    store = _store(cfg, node)
     if phi_k:
         context.state[PHI_K] = ArrayRecord(peft.private_state())
         if store is not None:
@@ -128,54 +122,57 @@ def _keep_private(cfg: RunConfig, context: Context, peft: PeftVariant, method: M
             store.save("method-state", extra)
 
 
-def _store(cfg: RunConfig, context: Context) -> NodeStateStore | None:
+def _store(cfg: RunConfig, node: NodeConfig) -> NodeStateStore | None:
     """The node's durable private state folder (node-config ``state-dir``), if it has one."""
-    node = parse_node_config(context.node_config)
     if not node.state_dir:
         return None
     return NodeStateStore(node.state_dir, run_state_key(cfg, node.partition_id, node.num_partitions, node.data_dir))
 
 
-def _restore_phi_k(cfg: RunConfig, context: Context) -> None:
-    """After a SuperNode restart, continue with the phi_k saved in its state-dir.
+def _restore_private(cfg: RunConfig, node: NodeConfig, context: Context) -> None:
+    """After a SuperNode restart, continue with the phi_k (and method state) saved in its state-dir.
 
-    A file written under another run config (or damaged) is not loaded: the
-    client starts Stage 2 afresh and overwrites it at its next save.
+    Only what the node's context.state lacks is read. A file written under
+    another run config (or damaged) is not loaded: the client starts that part
+    afresh and overwrites the file at its next save.
     """
-    store = _store(cfg, context)
-    if store is None or PHI_K in context.state.array_records:
+    store = _store(cfg, node)
+    if store is None:
         return
     for name, key in (("phi_k", PHI_K), ("method-state", METHOD_STATE)):
+        if key in context.state.array_records:
+            continue
         try:
             saved = store.load(name)
         except StateError as err:
             log(WARNING, "Ignoring the saved private state: %s", err)
-            return
+            continue
         if saved is not None:
             context.state[key] = ArrayRecord(saved)
             log(INFO, "Restored this node's %s from its state-dir", name)
 
 
 def _setup(msg: Message, context: Context):
-    """(cfg, peft, method, train, test, server round, partition id) for one message."""
+    """(cfg, node, peft, method, train, test, server round) for one message; both configs
+    are validated here, once."""
     cfg = parse_run_config(context.run_config)
-    _restore_phi_k(cfg, context)
-    train, test = _features(cfg, context)
+    node = parse_node_config(context.node_config)
+    _restore_private(cfg, node, context)
+    train, test = _features(cfg, node, context)
     server_round = int(msg.content["config"]["server-round"])
-    pid, _ = _partition(context)
-    return cfg, *_model(cfg, msg, context), train, test, server_round, pid
+    return cfg, node, *_model(cfg, msg, context), train, test, server_round
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Stage 1: the method's (purified) local epochs on phi_g; reply with phi_g only."""
-    cfg, peft, method, data, _, server_round, pid = _setup(msg, context)
+    cfg, node, peft, method, data, _, server_round = _setup(msg, context)
     stats = train_global(
         peft, data, task.stage1_options(cfg), cfg.local_epochs, cfg.batch_size,
-        seeded_generator(cfg.seed, 1, server_round, pid), method,
+        seeded_generator(cfg.seed, 1, server_round, node.partition_id), method,
     )
-    _keep_private(cfg, context, peft, method, phi_k=method.stage1_trains_private)
-    metrics = MetricRecord({"num-examples": len(data), "partition-id": pid, **stats.means()})
+    _keep_private(cfg, node, context, peft, method, phi_k=method.stage1_trains_private)
+    metrics = MetricRecord({"num-examples": len(data), "partition-id": node.partition_id, **stats.means()})
     return Message(
         RecordDict({"arrays": ArrayRecord(peft.global_state()), "metrics": metrics}), reply_to=msg
     )
@@ -184,12 +181,12 @@ def train(msg: Message, context: Context) -> Message:
 @app.train("personalize")
 def personalize(msg: Message, context: Context) -> Message:
     """Stage 2: the method's personalization of phi_k against the received, frozen phi_g."""
-    cfg, peft, method, data, _, server_round, pid = _setup(msg, context)
+    cfg, node, peft, method, data, _, server_round = _setup(msg, context)
     loss = method.personalize(
-        peft, data, seeded_generator(cfg.seed, 2, server_round, pid),
+        peft, data, seeded_generator(cfg.seed, 2, server_round, node.partition_id),
         first=PHI_K not in context.state.array_records, precision=task.precision(cfg),
     )
-    _keep_private(cfg, context, peft, method, phi_k=True)
+    _keep_private(cfg, node, context, peft, method, phi_k=True)
     metrics = MetricRecord({"num-examples": len(data), "residual-loss": loss})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
@@ -202,13 +199,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     Replies the predictions and labels (integers) so that the server can pool
     Many / Medium / Few over clients; no parameters.
     """
-    cfg, peft, method, _, test, _, pid = _setup(msg, context)
+    cfg, node, peft, method, _, test, _ = _setup(msg, context)
     personalized = PHI_K in context.state.array_records
     precision = task.precision(cfg)
     metrics = MetricRecord(
         {
             "num-examples": len(test),
-            "partition-id": pid,
+            "partition-id": node.partition_id,
             "personalized": int(personalized),
             "labels": test.labels.tolist(),
             "pm-preds": predict(peft, test.features, personalized, precision, method.personal_logits).tolist(),

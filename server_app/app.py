@@ -157,8 +157,6 @@ def _run(grid: Grid, cfg: RunConfig, setup: _Setup) -> None:
         pm = evaluate_pm(rnd) if due and cfg.personalization == "interleaved" else None
         train = dict(train_metrics) if train_metrics is not None else None
         if train is not None:
-            train.pop("partition-id", None)  # an identity, not a statistic
-        if train is not None:
             train["clients"] = len(strategy.last_sampled)
         recorder.add_round(rnd, "global", gm=gm, pm=pm, train=train)
         checkpoint(rnd, "global")

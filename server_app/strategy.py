@@ -181,7 +181,10 @@ class FedPuReLStrategy(FedAvg):
         # Replies arrive in any order; a fixed order makes the floating-point sum, and so the
         # run, reproducible.
         kept.sort(key=lambda msg: self._order(msg.metadata.src_node_id))
-        return super().aggregate_train(server_round, kept)
+        arrays, metrics = super().aggregate_train(server_round, kept)
+        if metrics is not None and "partition-id" in metrics:
+            del metrics["partition-id"]  # an identity, not a statistic to average
+        return arrays, metrics
 
     def evaluate_problem(self, msg: Message) -> str | None:
         """Why an evaluation reply must not be pooled, or None when it is well-formed.

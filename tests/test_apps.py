@@ -301,3 +301,32 @@ def test_sampling_follows_the_partitions_nodes_report_not_their_random_ids():
     rng = np.random.default_rng(0)
     runs = [sampled_partitions([int(x) for x in rng.choice(10**9, 10, replace=False)]) for _ in range(3)]
     assert runs[0] == runs[1] == runs[2] and len(runs[0]) == 4
+
+
+def test_a_restarted_node_restores_a_methods_private_state_from_its_state_dir(phi_g, tmp_path):
+    """LP-FT's head (method state) and copy (phi_k) survive a restart through the state-dir."""
+    def node():
+        context = make_context()
+        context.run_config = {**SMALL_RUN, "method": "lp-ft"}
+        context.node_config = {**context.node_config, "state-dir": str(tmp_path / "state")}
+        return context
+
+    before = node()
+    client.personalize(server_message(phi_g, PERSONALIZE, 3), before)
+    expected = client.evaluate(server_message(phi_g, MessageType.EVALUATE, 3), before).content["metrics"]
+    after = node()  # a fresh process: empty context.state
+    got = client.evaluate(server_message(phi_g, MessageType.EVALUATE, 3), after).content["metrics"]
+    head = after.state.array_records[client.METHOD_STATE].to_torch_state_dict()["head"]
+    assert torch.equal(head, before.state.array_records[client.METHOD_STATE].to_torch_state_dict()["head"])
+    assert list(got["pm-preds"]) == list(expected["pm-preds"]) and got["personalized"] == 1
+
+
+def test_the_partition_id_is_not_averaged_into_the_round_metrics():
+    strategy = FedPuReLStrategy({"ctx": (2, 3)}, max_examples=1000)
+    request = server_message({"ctx": torch.zeros(2, 3)}, MessageType.TRAIN)
+    replies = [reply({"ctx": torch.ones(2, 3)}, 10, node, request) for node in (1, 2)]
+    for pid, msg in enumerate(replies):
+        msg.content["metrics"]["partition-id"] = pid
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert "partition-id" not in metrics and metrics["conflict-rate"] == pytest.approx(0.5)
+    assert strategy.partitions == {1: 0, 2: 1}

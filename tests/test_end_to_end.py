@@ -5,6 +5,7 @@ Small configs (4 SuperNodes, 2 + 1 rounds) keep each run under a minute.
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def test_default_schedule_writes_complete_results(tmp_path):
     assert 0.0 <= first["train"]["conflict-rate"] <= 1.0 and "mean-cosine" in first["train"]
     assert all("wall_time" in r for r in results["rounds"])
     assert "zero-shot" in proc.stdout and "results:" in proc.stdout
+    # Progress: one concise line per round with its phase, accuracy and elapsed time.
+    progress = re.findall(r"\[fedpurel\] round (\d)/3 (global|personal) +(GM|PM) all +\d+\.\d.*\| *\d+\.\ds", proc.stdout)
+    assert [(r, p) for r, p, _ in progress] == [("1", "global"), ("2", "global"), ("3", "personal")], proc.stdout[-3000:]
     assert flower_processes(tmp_path / "flwr-home") == [], "processes left running"
 
 

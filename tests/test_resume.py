@@ -52,14 +52,14 @@ class DirectGrid:
     HANDLERS = {MessageType.TRAIN: client.train, PERSONALIZE: client.personalize, MessageType.EVALUATE: client.evaluate}
 
     def __init__(self, run_config: dict, contexts: dict[int, Context] | None = None, kill_at_round: int | None = None,
-                 state_root: Path | None = None):
+                 state_root: Path | None = None, node_id=lambda i: 100 + i):
         def node_config(i: int) -> dict:
             extra = {"state-dir": str(state_root / f"node{i}")} if state_root else {}
             return {"partition-id": i, "num-partitions": NODES, **extra}
 
         self.contexts = contexts or {
-            100 + i: Context(run_id=1, node_id=100 + i, node_config=node_config(i),
-                             state=RecordDict(), run_config=dict(run_config))
+            node_id(i): Context(run_id=1, node_id=node_id(i), node_config=node_config(i),
+                                state=RecordDict(), run_config=dict(run_config))
             for i in range(NODES)
         }
         for context in self.contexts.values():
@@ -128,7 +128,9 @@ def kill_then_resume(tmp_path: Path, kill_at_round: int, keep_clients: bool, sta
     assert state["round"] == kill_at_round - 1
     resumed = {**config, "resume-from": str(run_dir)}
     # keep_clients: only the server died; otherwise every SuperNode restarts with an empty context.state
-    run_server(resumed, DirectGrid(resumed, contexts=grid.contexts if keep_clients else None, state_root=state_root))
+    # and new node ids, here in the reverse order of their partitions (ids are not stable across restarts)
+    run_server(resumed, DirectGrid(resumed, contexts=grid.contexts if keep_clients else None, state_root=state_root,
+                                   node_id=lambda i: 300 - i))
     assert only_run_dir(tmp_path / "out") == run_dir, "the resumed run continues in the same folder"
     results = json.loads((run_dir / "results.json").read_text())
     assert results["resumed_after_rounds"] == [kill_at_round - 1]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import torch
 
+from ..residual import fuse_logits
 from ..training import Stage1Objective
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,7 +76,7 @@ class Method(Stage1Objective):
 
     def personal_logits(self, peft: PeftVariant, x: torch.Tensor) -> torch.Tensor:
         """Logits of the client's personalized model (default: FedPuReL's l_G + l_P)."""
-        return peft.global_logits(x) + peft.private_logits(x)
+        return fuse_logits(peft.global_logits(x), peft.private_logits(x))
 
     # --- private state beyond phi_k ---
     def private_state(self) -> dict[str, torch.Tensor]:

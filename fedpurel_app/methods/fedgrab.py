@@ -91,26 +91,30 @@ class FedGraB(PromptFL):
 
     def __init__(self, cfg, class_counts=None) -> None:
         super().__init__(cfg, class_counts)
+        self.tail: torch.Tensor | None = None  # the tail-class mask, set at the first step
         self.state: dict[str, torch.Tensor] = {}
 
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        tail = tail_classes(self.prior())
-        for key in STATE_KEYS:
-            if self.state.get(key) is None or self.state[key].shape != tail.shape:
-                self.state[key] = torch.zeros(tail.shape, dtype=torch.float64)
+        device = logits.device
+        if self.tail is None:  # once per client and message, on the logits' device
+            self.tail = tail_classes(self.prior()).to(device)
+            self.state = {
+                key: self.state[key].to(device) if key in self.state and self.state[key].shape == self.tail.shape
+                else torch.zeros(self.tail.shape, dtype=torch.float64, device=device)
+                for key in STATE_KEYS
+            }
         s, cfg = self.state, self.cfg
         error = torch.where(s["negative"] > 0, 1.0 - s["positive"] / s["negative"].clamp_min(1e-12), 0.0)
         s["integral"] += error
-        w_pos, w_neg = pid_weights(error, s["integral"], s["error"], cfg.grab_kp, cfg.grab_ki, cfg.grab_kd, tail)
+        w_pos, w_neg = pid_weights(error, s["integral"], s["error"], cfg.grab_kp, cfg.grab_ki, cfg.grab_kd, self.tail)
         s["error"] = error
         positive, negative = gradient_parts(logits, labels)
-        s["positive"] += w_pos * positive.double().cpu()
-        s["negative"] += w_neg * negative.double().cpu()
-        device = logits.device
-        return balanced_ce(logits, labels, w_pos.to(device, logits.dtype), w_neg.to(device, logits.dtype))
+        s["positive"] += w_pos * positive.double()
+        s["negative"] += w_neg * negative.double()
+        return balanced_ce(logits, labels, w_pos.to(logits.dtype), w_neg.to(logits.dtype))
 
     def private_state(self) -> dict[str, torch.Tensor]:
-        return {f"grab.{key}": value.clone() for key, value in self.state.items()}
+        return {f"grab.{key}": value.detach().cpu().clone() for key, value in self.state.items()}
 
     def load_private_state(self, state: Mapping[str, torch.Tensor]) -> None:
         self.state = {
