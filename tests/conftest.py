@@ -24,3 +24,9 @@ def small_cfg():
     from fedpurel_app.config import parse_run_config
 
     return parse_run_config(SMALL_RUN)
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test starts from the same global RNG state, whatever ran before it."""
+    torch.manual_seed(0)

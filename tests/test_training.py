@@ -26,7 +26,8 @@ def test_client_features_are_its_own_partition(small_cfg):
 def test_stage1_step_applies_the_purified_gradient(setup):
     """One SGD step (no momentum, no decay) moves phi_g by exactly -lr * purify(g_task, g_align)."""
     cfg, model, train, _ = setup
-    model.load_global_state({"ctx": model.global_state()["ctx"] + 0.05 * torch.randn(4, 64)})
+    noise = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    model.load_global_state({"ctx": model.global_state()["ctx"] + 0.05 * noise})
     options = Stage1Options(align="tkl", lr=0.1, momentum=0.0, weight_decay=0.0)
     x, y, z = train.features[:16], train.labels[:16], train.zero_shot_logits[:16]
     from fedpurel_app.tkl import temperature_aligned_kl
@@ -70,18 +71,31 @@ def test_train_global_is_deterministic_for_a_seed(setup):
     assert stats.steps == 2 * -(-len(train) // 8)
 
 
-def test_stage2_trains_phi_k_only_and_fits_the_client(setup):
-    cfg, model, train, _ = setup
+def test_stage2_trains_phi_k_only_and_lowers_its_loss(small_cfg):
+    """Stage 2 moves phi_k only and lowers the residual loss it minimizes on the client's data.
+
+    A model of its own, so the outcome does not depend on what earlier tests did to ``setup``.
+    """
+    from fedpurel_app.residual import residual_loss
+
+    train, _ = task.client_feature_sets(small_cfg, 0, 5)
+    model = task.build_model(small_cfg)
+    lam = 0.9
+
+    def full_loss():
+        with torch.no_grad():
+            return residual_loss(model.global_logits(train.features), model.private_logits(train.features),
+                                 train.labels, lam).item()
+
     global_before = model.global_state()["ctx"]
     private_before = model.private_state()["ctx"]
-    acc_before = (predict(model, train.features, personalized=True) == train.labels).float().mean()
+    loss_before = full_loss()
     for epoch in range(20):
-        train_private(model, train, lam=0.9, lr=0.05, epochs=1, batch_size=8,
+        train_private(model, train, lam=lam, lr=0.05, epochs=1, batch_size=8,
                       generator=seeded_generator(0, 2, epoch, 0))
-    acc_after = (predict(model, train.features, personalized=True) == train.labels).float().mean()
     assert torch.equal(model.global_state()["ctx"], global_before)
     assert not torch.equal(model.private_state()["ctx"], private_before)
-    assert acc_after >= acc_before
+    assert full_loss() < 0.9 * loss_before
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
