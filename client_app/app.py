@@ -26,7 +26,8 @@ Handlers:
                           replies phi_g.
 - ``train.personalize``   Stage 2: the method's personalization of its private
                           parameters against the received (frozen) phi_g;
-                          replies metrics only.
+                          replies metrics only (with the PM evaluation when
+                          the server asks for it in the same message).
 - ``evaluate``            PM evaluation on the client's own test set.
 """
 
@@ -180,29 +181,44 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.train("personalize")
 def personalize(msg: Message, context: Context) -> Message:
-    """Stage 2: the method's personalization of phi_k against the received, frozen phi_g."""
-    cfg, node, peft, method, data, _, server_round = _setup(msg, context)
+    """Stage 2: the method's personalization of phi_k against the received, frozen phi_g.
+
+    When the message's config has ``evaluate`` set, the reply also carries the
+    evaluation of the just-personalized model (as :func:`evaluate` would reply).
+    """
+    cfg, node, peft, method, data, test, server_round = _setup(msg, context)
     loss = method.personalize(
         peft, data, seeded_generator(cfg.seed, 2, server_round, node.partition_id),
         first=PHI_K not in context.state.array_records, precision=task.precision(cfg),
     )
     _keep_private(cfg, node, context, peft, method, phi_k=True)
-    metrics = MetricRecord({"num-examples": len(data), "residual-loss": loss})
+    if msg.content["config"].get("evaluate"):
+        metrics = _evaluation(cfg, node, peft, method, test, personalized=True)
+        metrics["residual-loss"] = loss
+    else:
+        metrics = MetricRecord({"num-examples": len(data), "residual-loss": loss})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """PM evaluation on the client's test set: predictions of the personalized model
-    (FedPuReL: l_G + l_P; l_G on a client without private parameters), of l_G and of z.
-
-    Replies the predictions and labels (integers) so that the server can pool
-    Many / Medium / Few over clients; no parameters.
-    """
+    """PM evaluation on the client's test set (see :func:`_evaluation`); no parameters."""
     cfg, node, peft, method, _, test, _ = _setup(msg, context)
-    personalized = PHI_K in context.state.array_records
+    metrics = _evaluation(cfg, node, peft, method, test, personalized=PHI_K in context.state.array_records)
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _evaluation(
+    cfg: RunConfig, node: NodeConfig, peft: PeftVariant, method: Method, test: FeatureSet, personalized: bool
+) -> MetricRecord:
+    """Predictions on the client's test set of the personalized model (FedPuReL: l_G + l_P;
+    l_G on a client without private parameters), of l_G and of z, with the labels.
+
+    Predictions and labels are integers, so that the server can pool Many / Medium /
+    Few over clients.
+    """
     precision = task.precision(cfg)
-    metrics = MetricRecord(
+    return MetricRecord(
         {
             "num-examples": len(test),
             "partition-id": node.partition_id,
@@ -213,5 +229,3 @@ def evaluate(msg: Message, context: Context) -> Message:
             "zs-preds": test.zero_shot_logits.argmax(dim=-1).tolist(),
         }
     )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
-

@@ -170,9 +170,10 @@ def _run(grid: Grid, cfg: RunConfig, setup: _Setup) -> None:
     if post:
         for step in range(max(1, done - cfg.num_rounds + 1), cfg.personal_rounds + 1):
             rnd = cfg.num_rounds + step
-            exchange(strategy.configure_personalize(rnd, arrays, grid))
             due = step % cfg.eval_every == 0 or step == cfg.personal_rounds
-            pm = evaluate_pm(rnd) if due else None
+            # One message per client: personalize, then evaluate in the same ClientApp call.
+            replies = exchange(strategy.configure_personalize(rnd, arrays, grid, evaluate=due))
+            pm = _pm(cfg, counts, strategy.evaluate_replies(replies)) if due else None
             recorder.add_round(rnd, "personal", pm=pm)
             checkpoint(rnd, "personal")
             log(INFO, "[fedpurel] round %d/%d personal  PM all %s | %.1fs",

@@ -107,10 +107,20 @@ class FedPuReLStrategy(FedAvg):
         return self._messages(self.last_sampled, arrays, server_round, MessageType.TRAIN, config)
 
     def configure_personalize(
-        self, server_round: int, arrays: ArrayRecord, grid: Grid, nodes: list[int] | None = None
+        self, server_round: int, arrays: ArrayRecord, grid: Grid, nodes: list[int] | None = None,
+        evaluate: bool = False,
     ) -> list[Message]:
-        """Stage 2: send the frozen phi_g to ``nodes`` (all nodes when None)."""
-        return self._messages(self._nodes(grid) if nodes is None else nodes, arrays, server_round, PERSONALIZE)
+        """Stage 2: send the frozen phi_g to ``nodes`` (all nodes when None).
+
+        With ``evaluate`` every client also evaluates its personalized model right after
+        training and replies with the evaluation metrics (see :meth:`evaluate_replies`):
+        one message per client instead of two, which saves a ClientApp process start per
+        client in deployment.
+        """
+        config = ConfigRecord({"evaluate": 1}) if evaluate else None
+        return self._messages(
+            self._nodes(grid) if nodes is None else nodes, arrays, server_round, PERSONALIZE, config
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -330,3 +330,30 @@ def test_the_partition_id_is_not_averaged_into_the_round_metrics():
     _, metrics = strategy.aggregate_train(1, replies)
     assert "partition-id" not in metrics and metrics["conflict-rate"] == pytest.approx(0.5)
     assert strategy.partitions == {1: 0, 2: 1}
+
+
+def test_personalize_with_evaluate_replies_what_a_separate_evaluation_would(phi_g, small_cfg):
+    """One message per client in the personal phase: personalize, then evaluate, in one ClientApp call."""
+    merged, separate = make_context(1), make_context(1)
+    ask = server_message(phi_g, PERSONALIZE, 3)
+    ask.content["config"]["evaluate"] = 1
+    merged_reply = client.personalize(ask, merged)
+    plain_reply = client.personalize(server_message(phi_g, PERSONALIZE, 3), separate)
+    evaluate_reply = client.evaluate(server_message(phi_g, MessageType.EVALUATE, 3), separate)
+
+    assert all_tensors(merged_reply) == []
+    (got,) = merged_reply.content.metric_records.values()
+    (want,) = evaluate_reply.content.metric_records.values()
+    (plain,) = plain_reply.content.metric_records.values()
+    assert "labels" not in plain, "without evaluate a personalize reply carries no predictions"
+    assert got["residual-loss"] == plain["residual-loss"]
+    for key in want:
+        assert got[key] == want[key], key
+    assert got["personalized"] == 1
+
+    strategy = FedPuReLStrategy({"ctx": tuple(phi_g["ctx"].shape)}, num_classes=len(task.class_counts(small_cfg)))
+    assert strategy.evaluate_replies([merged_reply]) == [got]
+    messages = strategy.configure_personalize(3, ArrayRecord(phi_g), FakeGrid([5, 6]), evaluate=True)
+    assert [m.content["config"]["evaluate"] for m in messages] == [1, 1]
+    assert all("evaluate" not in m.content["config"]
+               for m in strategy.configure_personalize(3, ArrayRecord(phi_g), FakeGrid([5, 6])))

@@ -378,7 +378,9 @@ def test_a_supernode_restarted_between_rounds_continues_from_its_phi_k(fed):
     victim = 0
     phi_k = fed.dir / "nodes" / str(victim) / "state" / "phi_k.safetensors"
     out_dir = fed.dir / "outputs-between-rounds"
-    run = ("num-rounds=1 personal-rounds=6 local-epochs=1 personal-epochs=1 client-test-size=30 "
+    # Enough personal rounds (one message per node each) for the restarted node to be back
+    # online before the last one: the SuperLink takes up to a minute to let its key in again.
+    run = ("num-rounds=1 personal-rounds=12 local-epochs=1 personal-epochs=1 client-test-size=30 "
            "min-nodes=2 round-timeout=120 seed=7")
     proc = subprocess.Popen(
         ["bash", str(REPO / "deploy" / "run.sh"), run], cwd=REPO,
@@ -409,7 +411,7 @@ def test_a_supernode_restarted_between_rounds_continues_from_its_phi_k(fed):
     try:
         for line in proc.stdout:
             lines.append(line)
-            if "saved" not in state and "[fedpurel] round 2/7 personal" in line:  # first Stage-2 round done
+            if "saved" not in state and "[fedpurel] round 2/13 personal" in line:  # first Stage-2 round done
                 state["saved"] = hashlib.sha256(phi_k.read_bytes()).hexdigest()
                 restarter.start()
         rc = proc.wait()

@@ -15,6 +15,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Error, Message, MessageType
 
+from server_app.strategy import PERSONALIZE
 from tests.test_resume import RUN, DirectGrid, only_run_dir, run_server, task_identity  # noqa: F401
 
 
@@ -53,7 +54,7 @@ def test_a_run_survives_crashing_silent_and_poisoned_clients(tmp_path, caplog):
         (100, MessageType.TRAIN, 1): "crash",
         (101, MessageType.TRAIN, 1): "nan",
         (102, MessageType.EVALUATE, 0): "silent",
-        (101, MessageType.EVALUATE, 4): "crash",
+        (101, PERSONALIZE, 4): "crash",  # personal rounds personalize and evaluate in one message
     }
     with caplog.at_level("WARNING", logger="flwr"):
         run_server(config, FaultyGrid(config, faults))
