@@ -289,3 +289,40 @@ def test_resolve_device():
                 resolve_device(name)
         with pytest.raises(ValueError, match="CUDA is not available"):
             create_clip(device="cuda")
+
+
+@pytest.mark.parametrize(
+    "name, needed",
+    [("fedpurel-tiny", False), ("ViT-B-16", False), ("ViT-B-32", False), ("roberta-ViT-B-32", True),
+     ("xlm-roberta-base-ViT-B-32", True), ("coca_ViT-B-32", True), ("hf-hub:timm/ViT-B-16-SigLIP", True),
+     ("no-such-model", True)],
+)
+def test_needs_transformers_reads_the_model_configs(name, needed):
+    from fedpurel_app.models.factory import needs_transformers
+
+    assert needs_transformers(name) is needed
+
+
+def test_a_plain_clip_is_built_without_importing_transformers_and_lora_still_works():
+    """A fresh process (a ClientApp message in deployment) builds the default model without
+    transformers' import; peft (LoRA) imports it afterwards as usual."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from fedpurel_app import task\n"
+        "from fedpurel_app.config import parse_run_config\n"
+        "task.build_model(parse_run_config({}))\n"
+        "print('after-prompt', 'transformers' in sys.modules)\n"
+        "peft = task.build_model(parse_run_config({'peft': 'lora'}))\n"
+        "print('after-lora', 'transformers' in sys.modules, len(peft.global_state()))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith("after-"))
+    assert lines["after-prompt"] == "False"
+    imported, tensors = lines["after-lora"].split()
+    assert imported == "True" and int(tensors) > 0
