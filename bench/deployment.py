@@ -1,0 +1,156 @@
+"""Deployment vs simulation: one config on a loopback deployment and in simulation, side by side.
+
+1. **ClientApp message start.** In deployment every message runs in a fresh
+   ClientApp process: it imports the app (torch, flwr, open_clip) and builds
+   the model before any work. Measured ``--starts`` times in fresh processes.
+2. **Run and round times.** ``deploy/start.sh`` starts a SuperLink and
+   ``--nodes`` SuperNodes on loopback (TLS and node authentication on, random
+   free ports, a temporary deploy folder), ``deploy/run.sh`` runs the config,
+   ``deploy/stop.sh`` stops every process it started (also on failure). Then
+   ``scripts/run.sh`` runs the same config in simulation with as many
+   SuperNodes. Wall times, and the time of every round from each run's
+   ``results.json`` (the ServerApp's elapsed time when it recorded the round).
+
+    python bench/deployment.py [--nodes 3] [--starts 3] [--set key=value ...]
+
+Runs the simulation on the local SuperLink of ``scripts/run.sh``
+(127.0.0.1:39091): do not run it beside another simulation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from framework_overhead import flower_run  # noqa: E402
+
+DEFAULT = ["num-rounds=3", "personal-rounds=2", "local-epochs=1", "personal-epochs=1", "client-test-size=30"]
+START_CODE = (
+    "import time; t0 = time.perf_counter()\n"
+    "import client_app.app\n"
+    "t1 = time.perf_counter()\n"
+    "from fedpurel_app import task\n"
+    "from fedpurel_app.config import parse_run_config\n"
+    "task.build_model(parse_run_config({}))\n"
+    "print(t1 - t0, time.perf_counter() - t1)\n"
+)
+
+
+def message_start(repeats: int) -> list[tuple[float, float, float]]:
+    """(imports, model build, wall) of ``repeats`` fresh processes doing what a ClientApp message does first."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", START_CODE], cwd=ROOT, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"the ClientApp import failed:\n{proc.stderr[-3000:]}")
+        imports, build = map(float, proc.stdout.split()[-2:])
+        out.append((imports, build, wall))
+    return out
+
+
+def free_port_base(count: int) -> int:
+    """A base port such that base .. base + count - 1 are free on 127.0.0.1."""
+    for _ in range(200):
+        base = random.randint(41000, 59000)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                s.bind(("127.0.0.1", port))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise SystemExit("no free range of ports on 127.0.0.1")
+
+
+def round_times(results: dict) -> dict[int, tuple[str, float]]:
+    """{round: (phase, seconds it took)} from a results.json; round 1 is left out (its time
+    includes the zero-shot evaluation before it)."""
+    rounds = [(r["round"], r["phase"], r["wall_time"]) for r in results["rounds"] if r["phase"] != "final"]
+    return {rnd: (phase, end - prev) for (_, _, prev), (rnd, phase, end) in zip(rounds, rounds[1:])}
+
+
+def deployment_run(overrides: str, nodes: int, work: Path) -> tuple[float, dict]:
+    """Wall time of deploy/run.sh on a fresh loopback federation, and its results.json."""
+    base = free_port_base(nodes + 3)
+    env = {
+        **os.environ, "DEPLOY_DIR": str(work), "SUPERLINK_PORT": str(base), "SUPERNODE_PORT_BASE": str(base + 1),
+        "NUM_SUPERNODES": str(nodes), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "STARTUP_TIMEOUT": "150",
+        "OUTPUT_DIR": str(work / "outputs"),
+    }
+    env.pop("FLWR_HOME", None)
+
+    def script(name: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "deploy" / name), *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+
+    try:
+        started = script("start.sh")
+        if started.returncode != 0:
+            raise SystemExit(f"deploy/start.sh failed:\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
+        start = time.perf_counter()
+        run = script("run.sh", overrides)
+        wall = time.perf_counter() - start
+        if run.returncode != 0:
+            raise SystemExit(f"deploy/run.sh failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+        (results,) = sorted((work / "outputs").glob("*/results.json"))
+        return wall, json.loads(results.read_text())
+    finally:
+        script("stop.sh")
+
+
+def median_time(times: dict[int, tuple[str, float]], phase: str) -> float | None:
+    values = [t for p, t in times.values() if p == phase]
+    return statistics.median(values) if values else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--starts", type=int, default=3, help="fresh ClientApp processes to time")
+    parser.add_argument("--set", action="append", default=[], help="run-config key=value (added to the default)")
+    args = parser.parse_args()
+    overrides = " ".join(DEFAULT + args.set + [f"min-nodes={args.nodes}"])
+    print(f"config: embedded default with {overrides}; {args.nodes} SuperNodes; nproc {os.cpu_count()}")
+
+    starts = message_start(args.starts)
+    imports, build, wall = (statistics.median(column) for column in zip(*starts))
+    print(f"ClientApp message start (fresh process, median of {args.starts}): imports {imports:.1f} s, "
+          f"model build {build:.1f} s, wall {wall:.1f} s")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        deploy_wall, deploy_results = deployment_run(overrides, args.nodes, Path(tmp) / "deploy")
+        sim_wall, sim_results = flower_run(overrides, args.nodes, Path(tmp) / "sim")
+    print(f"run wall time: deployment {deploy_wall:.1f} s | simulation {sim_wall:.1f} s | "
+          f"ratio {deploy_wall / sim_wall:.2f}x")
+    deploy_rounds, sim_rounds = round_times(deploy_results), round_times(sim_results)
+    for phase in ("global", "personal"):
+        d, s = median_time(deploy_rounds, phase), median_time(sim_rounds, phase)
+        if d is not None and s is not None:
+            print(f"{phase} round (median, round 1 excluded): deployment {d:.1f} s | simulation {s:.1f} s | "
+                  f"ratio {d / s:.1f}x")
+    for name, results in (("deployment", deploy_results), ("simulation", sim_results)):
+        gm, pm = results["final"].get("gm", {}), results["final"].get("pm", {})
+        print(f"final {name}: GM all {gm.get('all', float('nan')):.3f} | PM all {pm.get('all', float('nan')):.3f}")
+
+if __name__ == "__main__":
+    main()
