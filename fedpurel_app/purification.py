@@ -20,7 +20,6 @@ and each purified gradient is returned in the dtype of its task gradient.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -47,10 +46,13 @@ class PurificationStats:
             flattened vector for "flat") with ``<g_task, g_align> < 0``, in [0, 1].
         cosine: cosine similarity between the full flattened task and align
             gradients before purification; 0.0 if either is zero.
+
+    Floats, or 0-d tensors on the gradients' device when asked for
+    (``purify_gradients_with_stats(..., on_device=True)``).
     """
 
-    conflict: float
-    cosine: float
+    conflict: float | Tensor
+    cosine: float | Tensor
 
 
 def _acc_dtype(*tensors: Tensor) -> torch.dtype:
@@ -164,26 +166,31 @@ def purify_gradients_with_stats(
     align_grads: Sequence[Optional[Tensor]],
     granularity: str = "tensor",
     eps: float = 1e-12,
+    on_device: bool = False,
 ) -> tuple[list[Tensor], PurificationStats]:
     """Purify gradients and report conflict fraction and cosine.
 
     See :func:`purify_gradients` for the rule. ``PurificationStats.conflict``
     is the fraction of units that conflicted; ``PurificationStats.cosine`` is
     ``<G_task, G_align> / (||G_task|| ||G_align||)`` over the full flattened
-    gradients before purification (0.0 if either is zero). Empty input gives
-    ``([], PurificationStats(0.0, 0.0))``.
+    gradients before purification (0.0 if either is zero or not finite). Empty
+    input gives ``([], PurificationStats(0.0, 0.0))``.
+
+    With ``on_device`` both statistics are float64 0-d tensors on the
+    gradients' device: a training loop can sum them over its steps and read
+    them once, instead of waiting for the device at every step.
     """
     purified, conflicts, dot, tsq, asq = _purify(task_grads, align_grads, granularity, eps)
     if conflicts is None:
         return purified, PurificationStats(conflict=0.0, cosine=0.0)
     assert dot is not None and tsq is not None and asq is not None
-    conflict = float(conflicts.to(torch.float64).mean().item())
-    tsq_f, asq_f, dot_f = float(tsq.item()), float(asq.item()), float(dot.item())
-    if tsq_f > 0.0 and asq_f > 0.0 and all(map(math.isfinite, (tsq_f, asq_f, dot_f))):
-        cosine = max(-1.0, min(1.0, dot_f / ((tsq_f ** 0.5) * (asq_f ** 0.5))))
-    else:
-        cosine = 0.0
-    return purified, PurificationStats(conflict=conflict, cosine=cosine)
+    conflict = conflicts.to(torch.float64).mean()
+    valid = (tsq > 0) & (asq > 0) & torch.isfinite(tsq) & torch.isfinite(asq) & torch.isfinite(dot)
+    cosine = torch.where(valid, (dot / (tsq.sqrt() * asq.sqrt())).clamp(-1.0, 1.0), 0.0)
+    if on_device:
+        return purified, PurificationStats(conflict=conflict, cosine=cosine)
+    conflict_f, cosine_f = torch.stack([conflict, cosine]).tolist()
+    return purified, PurificationStats(conflict=conflict_f, cosine=cosine_f)
 
 
 def purify_gradients(

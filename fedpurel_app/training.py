@@ -112,31 +112,40 @@ PLAIN = Stage1Objective()
 
 @dataclass
 class Stage1Stats:
-    """Per-client, per-round summary of the Stage-1 steps."""
+    """Per-client, per-round summary of the Stage-1 steps.
+
+    The sums may be tensors on the training device (what :func:`stage1_step`
+    returns): they are read once, by :meth:`means`, not at every step.
+    """
 
     steps: int = 0
-    task_loss: float = 0.0
-    align_loss: float = 0.0
+    task_loss: float | torch.Tensor = 0.0
+    align_loss: float | torch.Tensor = 0.0
     purified: int = 0  # steps that went through purification (none with align="none")
-    conflicts: float = 0.0  # sum over those steps of the fraction of conflicting units
-    cosine: float = 0.0  # sum over those steps of cos(g_task, g_align)
+    conflicts: float | torch.Tensor = 0.0  # sum over those steps of the fraction of conflicting units
+    cosine: float | torch.Tensor = 0.0  # sum over those steps of cos(g_task, g_align)
 
-    def add(self, task_loss: float, align_loss: float, purification: PurificationStats | None) -> None:
+    def add(
+        self, task_loss: float | torch.Tensor, align_loss: float | torch.Tensor, purification: PurificationStats | None
+    ) -> None:
         self.steps += 1
-        self.task_loss += task_loss
-        self.align_loss += align_loss
+        self.task_loss = self.task_loss + task_loss
+        self.align_loss = self.align_loss + align_loss
         if purification is not None:
             self.purified += 1
-            self.conflicts += purification.conflict
-            self.cosine += purification.cosine
+            self.conflicts = self.conflicts + purification.conflict
+            self.cosine = self.cosine + purification.cosine
 
     def means(self) -> dict[str, float]:
-        """Mean losses; conflict rate and cosine only when purification ran."""
+        """Mean losses; conflict rate and cosine only when purification ran (Python floats)."""
         n = max(self.steps, 1)
-        means = {"steps": float(self.steps), "task-loss": self.task_loss / n, "align-loss": self.align_loss / n}
+        task_loss, align_loss, conflicts, cosine = (
+            float(v) for v in (self.task_loss, self.align_loss, self.conflicts, self.cosine)
+        )
+        means = {"steps": float(self.steps), "task-loss": task_loss / n, "align-loss": align_loss / n}
         if self.purified:
-            means["conflict-rate"] = self.conflicts / self.purified
-            means["mean-cosine"] = self.cosine / self.purified
+            means["conflict-rate"] = conflicts / self.purified
+            means["mean-cosine"] = cosine / self.purified
         return means
 
 
@@ -148,7 +157,7 @@ def stage1_step(
     optimizer: torch.optim.Optimizer,
     options: Stage1Options,
     objective: Stage1Objective = PLAIN,
-) -> tuple[float, float, PurificationStats | None]:
+) -> tuple[torch.Tensor, torch.Tensor | float, PurificationStats | None]:
     """One Stage-1 update of phi_g (METHOD.md "Stage 1", steps 1-5).
 
     f = l_G(x); L_task = CE(f, y); L_align = TKL(z || f) (or plain KL).
@@ -156,6 +165,11 @@ def stage1_step(
     gradient; g_align itself is never applied. With ``align="none"`` this is a
     plain CE step (the PromptFL / FedAvg-PEFT baseline). ``objective`` sets the
     parameters, logits and task loss (default: phi_g, l_G, CE).
+
+    Returns the detached task and align losses and the purification statistics
+    as 0-d tensors on the training device (the align loss is 0.0 without
+    alignment): the step never waits for the device (except the fp16 overflow
+    check); :class:`Stage1Stats` reads the sums once per round.
     """
     params = objective.parameters(peft)
     with autocast(features.device, options.precision):
@@ -178,18 +192,18 @@ def stage1_step(
         )
         task_grads = torch.autograd.grad(task_loss * scale, params, retain_graph=True)
         align_grads = torch.autograd.grad(align_loss * scale, params, allow_unused=True)
-        grads, stats = purify_gradients_with_stats(task_grads, align_grads, options.granularity)
-        align_value = float(align_loss.detach())
+        grads, stats = purify_gradients_with_stats(task_grads, align_grads, options.granularity, on_device=True)
+        align_value = align_loss.detach()
     if scale != 1.0:
         grads = [grad / scale for grad in grads]
         if not all(torch.isfinite(grad).all() for grad in grads):
             optimizer.zero_grad(set_to_none=True)  # fp16 overflow: skip this step
-            return float(task_loss.detach()), align_value, stats
+            return task_loss.detach(), align_value, stats
     for param, grad in zip(params, grads, strict=True):
         param.grad = grad
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(task_loss.detach()), align_value, stats
+    return task_loss.detach(), align_value, stats
 
 
 def train_global(
@@ -257,9 +271,9 @@ def sgd_epochs(
                 if not all(torch.isfinite(grad).all() for grad in grads):
                     continue  # fp16 overflow: skip this step
             optimizer.step()
-            total, steps = total + float(loss.detach()), steps + 1
+            total, steps = total + loss.detach(), steps + 1  # summed on the device, read once
     optimizer.zero_grad(set_to_none=True)
-    return total / max(steps, 1)
+    return float(total) / max(steps, 1)
 
 
 def train_private(

@@ -193,3 +193,19 @@ def test_half_precision_and_extreme(dtype, granularity):
     # first tensor: g_task is (almost) anti-parallel to g_align -> purified to ~[0, 0, 3]
     if granularity == "tensor":
         assert torch.allclose(out[0].float(), torch.tensor([0.0, 0.0, 3.0]), atol=1e-2)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "flat"])
+def test_on_device_statistics_are_tensors_with_the_same_values(granularity):
+    """A training loop sums them on the device and reads them once; they equal the float ones."""
+    task = [T(1.0, 0.0), T(0.0, 1.0)]
+    align = [T(-2.0, 0.0), T(0.0, 1.0)]
+    g_host, host = purify_gradients_with_stats(task, align, granularity=granularity)
+    g_dev, dev = purify_gradients_with_stats(task, align, granularity=granularity, on_device=True)
+    assert isinstance(host.conflict, float) and isinstance(host.cosine, float)
+    assert isinstance(dev.conflict, torch.Tensor) and isinstance(dev.cosine, torch.Tensor)
+    assert dev.conflict.dim() == 0 and dev.conflict.device == task[0].device
+    assert (float(dev.conflict), float(dev.cosine)) == (host.conflict, host.cosine)
+    assert all(torch.equal(a, b) for a, b in zip(g_host, g_dev))
+    _, zero = purify_gradients_with_stats([torch.zeros(3)], [T(1.0, 0.0, 0.0)], on_device=True)
+    assert float(zero.cosine) == 0.0 and float(zero.conflict) == 0.0

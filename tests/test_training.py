@@ -46,6 +46,20 @@ def test_stage1_step_applies_the_purified_gradient(setup):
     assert task_loss > 0 and align_loss >= 0
 
 
+def test_stage1_steps_keep_their_statistics_on_the_device_until_the_round_ends(setup):
+    """No host read per step (on a GPU each would wait for the device): the step returns
+    tensors, and a client's round reads their sums once, as floats."""
+    cfg, model, train, _ = setup
+    options = Stage1Options(align="tkl", lr=0.01, momentum=0.0, weight_decay=0.0)
+    (ctx,) = model.global_parameters()
+    task_loss, align_loss, stats = stage1_step(model, train.features[:16], train.labels[:16],
+                                               train.zero_shot_logits[:16], torch.optim.SGD([ctx], lr=0.01), options)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in (task_loss, align_loss, stats.conflict, stats.cosine))
+    means = train_global(model, train, options, 1, 16, seeded_generator(0, 1, 1, 0)).means()
+    assert all(type(v) is float for v in means.values())
+    assert 0.0 <= means["conflict-rate"] <= 1.0 and means["task-loss"] > 0
+
+
 def test_align_none_is_plain_cross_entropy(setup):
     cfg, model, train, _ = setup
     options = Stage1Options(align="none", lr=0.1, momentum=0.0, weight_decay=0.0)
