@@ -20,10 +20,8 @@ Runs the simulation on the local SuperLink of ``scripts/run.sh``
 from __future__ import annotations
 
 import argparse
-import os
-import random
 import json
-import socket
+import os
 import statistics
 import subprocess
 import sys
@@ -32,54 +30,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from framework_overhead import flower_run  # noqa: E402
 
+from deploy.loopback import loopback_env, message_start_cost  # noqa: E402
+
 DEFAULT = ["num-rounds=3", "personal-rounds=2", "local-epochs=1", "personal-epochs=1", "client-test-size=30"]
-START_CODE = (
-    "import time; t0 = time.perf_counter()\n"
-    "import client_app.app\n"
-    "t1 = time.perf_counter()\n"
-    "from fedpurel_app import task\n"
-    "from fedpurel_app.config import parse_run_config\n"
-    "task.build_model(parse_run_config({}))\n"
-    "print(t1 - t0, time.perf_counter() - t1)\n"
-)
 
 
 def message_start(repeats: int) -> list[tuple[float, float, float]]:
     """(imports, model build, wall) of ``repeats`` fresh processes doing what a ClientApp message does first."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", START_CODE], cwd=ROOT, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise SystemExit(f"the ClientApp import failed:\n{proc.stderr[-3000:]}")
-        imports, build = map(float, proc.stdout.split()[-2:])
-        out.append((imports, build, wall))
-    return out
-
-
-def free_port_base(count: int) -> int:
-    """A base port such that base .. base + count - 1 are free on 127.0.0.1."""
-    for _ in range(200):
-        base = random.randint(41000, 59000)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                s.bind(("127.0.0.1", port))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise SystemExit("no free range of ports on 127.0.0.1")
+    try:
+        return [message_start_cost() for _ in range(repeats)]
+    except RuntimeError as err:
+        raise SystemExit(str(err)) from None
 
 
 def round_times(results: dict) -> dict[int, tuple[str, float]]:
@@ -91,13 +57,7 @@ def round_times(results: dict) -> dict[int, tuple[str, float]]:
 
 def deployment_run(overrides: str, nodes: int, work: Path) -> tuple[float, dict]:
     """Wall time of deploy/run.sh on a fresh loopback federation, and its results.json."""
-    base = free_port_base(nodes + 3)
-    env = {
-        **os.environ, "DEPLOY_DIR": str(work), "SUPERLINK_PORT": str(base), "SUPERNODE_PORT_BASE": str(base + 1),
-        "NUM_SUPERNODES": str(nodes), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "STARTUP_TIMEOUT": "150",
-        "OUTPUT_DIR": str(work / "outputs"),
-    }
-    env.pop("FLWR_HOME", None)
+    env = {**loopback_env(work, nodes), "OUTPUT_DIR": str(work / "outputs")}
 
     def script(name: str, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(ROOT / "deploy" / name), *args], cwd=ROOT, env=env,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import ssl
@@ -35,6 +34,8 @@ from pathlib import Path
 
 import pytest
 
+from deploy.loopback import loopback_env, message_start_cost
+
 REPO = Path(__file__).resolve().parent.parent
 FLWR = REPO / ".venv" / "bin" / "flwr"
 NUM_NODES = 3
@@ -45,42 +46,10 @@ TINY = ("num-rounds=2 personal-rounds=1 local-epochs=1 personal-epochs=1 client-
 KILL_RUN = "num-rounds=1 personal-rounds=0 local-epochs=1 client-test-size=30 min-nodes=2 round-timeout=150"
 
 
-def _free_ports(count: int) -> int:
-    """A base port such that base .. base + count - 1 are all free on 127.0.0.1."""
-    for _ in range(200):
-        base = random.randint(41000, 59000)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                s.bind(("127.0.0.1", port))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
 class Federation:
     def __init__(self, root: Path):
         self.dir = root
-        base = _free_ports(NUM_NODES + 3)
-        self.env = {
-            **os.environ,
-            "DEPLOY_DIR": str(root),
-            "SUPERLINK_PORT": str(base),
-            "SUPERNODE_PORT_BASE": str(base + 1),
-            "NUM_SUPERNODES": str(NUM_NODES),
-            "HF_HUB_OFFLINE": "1",
-            # 3 ClientApp processes share 2 cores: one thread each.
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "STARTUP_TIMEOUT": "150",
-        }
-        self.env.pop("FLWR_HOME", None)
+        self.env = loopback_env(root, NUM_NODES)
         self.timings: dict[str, float] = {}
 
     def script(self, name: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -132,21 +101,7 @@ def _report(config, line: str) -> None:
 def test_clientapp_message_start_cost(request):
     """What every ClientApp message pays in deployment before training: a fresh process
     importing the ClientApp (torch, open_clip, flwr) and building its model."""
-    code = (
-        "import time; t0 = time.perf_counter()\n"
-        "import client_app.app\n"
-        "t1 = time.perf_counter()\n"
-        "from fedpurel_app import task\n"
-        "from fedpurel_app.config import parse_run_config\n"
-        "task.build_model(parse_run_config({}))\n"
-        "print(t1 - t0, time.perf_counter() - t1)\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    wall = time.monotonic() - t0
-    assert out.returncode == 0, out.stderr[-3000:]
-    imports, build = map(float, out.stdout.split()[-2:])
+    imports, build, wall = message_start_cost()
     _report(request.config, f"\n[clientapp message start] fresh process: imports {imports:.1f}s, "
             f"model build {build:.1f}s, wall {wall:.1f}s")
     assert wall < 240

@@ -1,0 +1,87 @@
+"""Python side of a loopback federation started by deploy/start.sh (used by the tests and bench/).
+
+The deploy scripts read their settings from the environment (deploy/common.sh);
+:func:`loopback_env` gives one that runs a federation in its own folder on free
+ports, so it can run beside other Flower processes on the same machine.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# What a ClientApp message does in a fresh process before any work: import the app, build the model.
+_START = (
+    "import time; t0 = time.perf_counter()\n"
+    "import client_app.app\n"
+    "t1 = time.perf_counter()\n"
+    "from fedpurel_app import task\n"
+    "from fedpurel_app.config import parse_run_config\n"
+    "task.build_model(parse_run_config({}))\n"
+    "print(t1 - t0, time.perf_counter() - t1)\n"
+)
+
+
+def free_port_base(count: int) -> int:
+    """A base port such that base .. base + count - 1 are all free on 127.0.0.1."""
+    for _ in range(200):
+        base = random.randint(41000, 59000)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                s.bind(("127.0.0.1", port))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free range of ports on 127.0.0.1")
+
+
+def loopback_env(deploy_dir: Path, nodes: int) -> dict[str, str]:
+    """The environment of deploy/{start,run,stop}.sh for ``nodes`` SuperNodes in ``deploy_dir``.
+
+    Ports are free ones; the SuperNodes' ClientApp processes share the machine's
+    cores, so each runs torch on one thread.
+    """
+    base = free_port_base(nodes + 3)
+    env = {
+        **os.environ,
+        "DEPLOY_DIR": str(deploy_dir),
+        "SUPERLINK_PORT": str(base),
+        "SUPERNODE_PORT_BASE": str(base + 1),
+        "NUM_SUPERNODES": str(nodes),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "STARTUP_TIMEOUT": "150",
+    }
+    env.pop("FLWR_HOME", None)  # deploy/common.sh sets it inside deploy_dir
+    return env
+
+
+def message_start_cost() -> tuple[float, float, float]:
+    """(imports, model build, wall) seconds of a fresh process doing what every ClientApp message
+    does in deployment before it trains: import the app (torch, flwr) and build the default model.
+
+    Raises RuntimeError with the process's error output when it fails.
+    """
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _START], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"the ClientApp import failed:\n{proc.stderr[-3000:]}")
+    imports, build = map(float, proc.stdout.split()[-2:])
+    return imports, build, wall
