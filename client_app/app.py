@@ -93,10 +93,10 @@ def _features(cfg: RunConfig, node: NodeConfig, context: Context) -> tuple[Featu
     return train, test
 
 
-def _model(cfg: RunConfig, msg: Message, context: Context) -> tuple[PeftVariant, Method]:
+def _model(cfg: RunConfig, node: NodeConfig, msg: Message, context: Context) -> tuple[PeftVariant, Method]:
     """The PEFT model with the received phi_g and this client's own phi_k, and the run's method
     with its private state (and the global class counts when the message carries them)."""
-    peft = task.build_model(cfg)
+    peft = task.build_model(cfg, node.data_dir)
     peft.load_global_state(msg.content["arrays"].to_torch_state_dict())
     counts = msg.content["config"].get("class-counts")
     method = build_method(cfg, None if counts is None else list(counts))
@@ -161,7 +161,7 @@ def _setup(msg: Message, context: Context):
     _restore_private(cfg, node, context)
     train, test = _features(cfg, node, context)
     server_round = int(msg.content["config"]["server-round"])
-    return cfg, node, *_model(cfg, msg, context), train, test, server_round
+    return cfg, node, *_model(cfg, node, msg, context), train, test, server_round
 
 
 @app.train()

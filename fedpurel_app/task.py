@@ -20,6 +20,7 @@ from .config import RunConfig
 from .data import DatasetBundle, load_dataset
 from .data.fedlt import FedLTSplit, build_fedlt
 from .models import (
+    EMBEDDED,
     Clip,
     create_clip,
     default_cache_dir,
@@ -50,7 +51,9 @@ def _clip(model: str, pretrained: str, cache_dir: str, device: str, data: str, r
         pretrained,
         cache_dir=cache_dir or None,
         device=device,
-        pretrain_dataset=dataset(data, root),
+        # Only the embedded tiny CLIP is pretrained on (and keyed by) the dataset; real
+        # weights need none of it, so a node holding only its own images can load them.
+        pretrain_dataset=dataset(data, root) if pretrained == EMBEDDED else None,
         seed=BACKBONE_SEED,
     )
 
@@ -74,17 +77,34 @@ def _fedlt_split(data: str, root: str, num_clients: int, *protocol) -> FedLTSpli
     return build_fedlt(bundle.train.labels, bundle.test.labels, bundle.num_classes, num_clients, *protocol)
 
 
-def zero_shot_text(cfg: RunConfig) -> torch.Tensor:
-    """The frozen zero-shot classifier [C, D] of the dataset's template (once per model and dataset)."""
+def classes(cfg: RunConfig, data_dir: str = "") -> tuple[tuple[str, ...], str]:
+    """(class names, zero-shot template) of the run's dataset.
+
+    A node's ``data-dir`` may carry them (its ``dataset.json``), so that a node of
+    an on-disk dataset needs none of the dataset's files; else they come from
+    the dataset itself.
+    """
+    if data_dir:
+        from .data.local import read_node_classes
+
+        found = read_node_classes(data_dir, cfg.dataset)
+        if found is not None:
+            return found
+    bundle = dataset(cfg.dataset, cfg.data_root)
+    return bundle.classnames, bundle.template
+
+
+def zero_shot_text(cfg: RunConfig, data_dir: str = "") -> torch.Tensor:
+    """The frozen zero-shot classifier [C, D] of the dataset's template (once per model and classes)."""
     clip = load_clip(cfg)
-    key = (id(clip.model), cfg.dataset, cfg.data_root)
+    names, template = classes(cfg, data_dir)
+    key = (id(clip.model), names, template)
     if key not in _ZERO_SHOT_TEXT:
-        bundle = dataset(cfg.dataset, cfg.data_root)
-        _ZERO_SHOT_TEXT[key] = zero_shot_text_features(clip, bundle.classnames, bundle.template)
+        _ZERO_SHOT_TEXT[key] = zero_shot_text_features(clip, names, template)
     return _ZERO_SHOT_TEXT[key]
 
 
-_ZERO_SHOT_TEXT: dict[tuple[int, str, str], torch.Tensor] = {}
+_ZERO_SHOT_TEXT: dict[tuple[int, tuple[str, ...], str], torch.Tensor] = {}
 
 
 def class_counts(cfg: RunConfig) -> np.ndarray:
@@ -99,11 +119,10 @@ def _profile_counts(cfg: RunConfig) -> np.ndarray:
     return long_tail_counts(cfg.n_max, cfg.imbalance_factor, bundle.num_classes)
 
 
-def build_model(cfg: RunConfig) -> PeftVariant:
-    """The PEFT variant over the run's frozen CLIP, at its initial phi_g and phi_k."""
-    clip = load_clip(cfg)
-    bundle = dataset(cfg.dataset, cfg.data_root)
-    return build_peft(cfg.peft, clip, bundle.classnames, bundle.template, cfg)
+def build_model(cfg: RunConfig, data_dir: str = "") -> PeftVariant:
+    """The PEFT variant over the run's frozen CLIP, at its initial phi_g and phi_k
+    (class names from :func:`classes`)."""
+    return build_peft(cfg.peft, load_clip(cfg), *classes(cfg, data_dir), cfg)
 
 
 def input_kind(cfg: RunConfig) -> str:
@@ -145,13 +164,14 @@ def _digest(indices: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
-def feature_set(cfg: RunConfig, split, identity: str, cache_dir: str = "") -> FeatureSet:
+def feature_set(cfg: RunConfig, split, identity: str, cache_dir: str = "", data_dir: str = "") -> FeatureSet:
     """A split's inputs for the run's PEFT variant, labels, and zero-shot logits z.
 
-    z comes from the frozen image encoder and the dataset's template, whatever the variant.
+    z comes from the frozen image encoder and the dataset's template, whatever the variant
+    (class names from :func:`classes`).
     """
     clip = load_clip(cfg)
-    text = zero_shot_text(cfg)
+    text = zero_shot_text(cfg, data_dir)
     features = image_features(cfg, split, identity, cache_dir)
     logits = zero_shot_logits(clip, features, text)
     labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)
@@ -169,11 +189,11 @@ def _client_indices(cfg: RunConfig, partition_id: int, num_partitions: int) -> t
 def client_splits(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str = "") -> tuple:
     """A client's (train, test) image splits: the images of its node's ``data-dir`` when it
     has one, else its partition of the run's Fed-LT split; nothing of other clients."""
-    bundle = dataset(cfg.dataset, cfg.data_root)
     if data_dir:
         from .data.local import load_node_data
 
-        return load_node_data(data_dir, bundle.num_classes)
+        return load_node_data(data_dir, len(classes(cfg, data_dir)[0]))
+    bundle = dataset(cfg.dataset, cfg.data_root)
     train, test = _client_indices(cfg, partition_id, num_partitions)
     return bundle.train.subset(train), bundle.test.subset(test)
 
@@ -194,8 +214,8 @@ def client_feature_sets(
     train, test = client_splits(cfg, partition_id, num_partitions, data_dir)
     train_idx, test_idx = (None, None) if data_dir else _client_indices(cfg, partition_id, num_partitions)
     return (
-        feature_set(cfg, train, _split_identity(train, "train", train_idx), cache_dir),
-        feature_set(cfg, test, _split_identity(test, "test", test_idx), cache_dir),
+        feature_set(cfg, train, _split_identity(train, "train", train_idx), cache_dir, data_dir),
+        feature_set(cfg, test, _split_identity(test, "test", test_idx), cache_dir, data_dir),
     )
 
 

@@ -5,11 +5,16 @@ Layout::
     <data-dir>/
         train.txt     # "relative/path label" per line: this node's training images
         test.txt      # the same for its own test images (PM evaluation)
+        dataset.json  # optional: {"dataset": name, "classnames": [...], "template": "a photo of a {}."}
         <the listed images, paths relative to data-dir>
 
 Labels use the class order of the run's ``dataset`` (the one the server
 evaluates GM on), so a node only needs its images and these two lists, never
-the whole dataset and never another node's files.
+the whole dataset and never another node's files. The class names and the
+zero-shot template come from ``dataset.json`` when the folder has one, so a
+node of an on-disk dataset (CIFAR, ImageNet-LT, Places-LT) needs none of the
+dataset's files; without it they come from the run's dataset (the embedded
+datasets ship inside packages, so every node has them).
 
 ``python -m fedpurel_app.data.local OUT --partition-id I --num-partitions N`` writes such a folder from one
 partition of the Fed-LT split of a built-in dataset (for trying a deployment
@@ -19,6 +24,7 @@ with the embedded data, or for tests).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +34,7 @@ import numpy as np
 from .folder import FileSplit, read_split_file
 
 SPLITS = ("train", "test")
+CLASSES_FILE = "dataset.json"
 
 
 class NodeDataError(ValueError):
@@ -70,6 +77,48 @@ def load_node_data(data_dir: str, num_classes: int) -> tuple[FileSplit, FileSpli
     return splits[0], splits[1]
 
 
+def read_node_classes(data_dir: str, dataset: str) -> tuple[tuple[str, ...], str] | None:
+    """(class names, zero-shot template) from a node data-dir's ``dataset.json``; None without one.
+
+    The file must name the run's ``dataset``: a folder written for another
+    dataset would label its images in another class order.
+    """
+    path = Path(data_dir).expanduser() / CLASSES_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise NodeDataError(f"{path}: not readable JSON ({err}); rewrite it or remove it") from None
+    meta = meta if isinstance(meta, dict) else {}
+    names, template = meta.get("classnames"), meta.get("template")
+    if (
+        not isinstance(names, list)
+        or not names
+        or not all(isinstance(n, str) and n for n in names)
+        or len(set(names)) != len(names)
+        or not isinstance(template, str)
+        or template.count("{}") != 1
+    ):
+        raise NodeDataError(
+            f"{path}: expected {{\"dataset\": name, \"classnames\": [distinct names], "
+            f"\"template\": \"... {{}} ...\"}}; rewrite it with python -m fedpurel_app.data.local or remove it"
+        )
+    if meta.get("dataset") != dataset:
+        raise NodeDataError(
+            f"{path}: the folder was written for dataset {meta.get('dataset')!r}, but the run uses {dataset!r} "
+            "(its labels follow that dataset's class order); give this node a data-dir for the run's dataset"
+        )
+    return tuple(names), template
+
+
+def write_node_classes(out: Path, dataset: str, classnames: Sequence[str], template: str) -> None:
+    """Write ``out/dataset.json``: the dataset's name, class names and zero-shot template."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"dataset": dataset, "classnames": list(classnames), "template": template}
+    (out / CLASSES_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+
+
 def export_split(split, out: Path, name: str) -> int:
     """Write a split's images as PNGs under ``out/name/`` and ``out/name.txt``; returns the count."""
     (out / name).mkdir(parents=True, exist_ok=True)
@@ -87,7 +136,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         prog="python -m fedpurel_app.data.local",
         description="Write one partition of a built-in dataset's Fed-LT split as a node data-dir.",
     )
-    parser.add_argument("out", type=Path, help="the node's data-dir to write (train.txt, test.txt, images)")
+    parser.add_argument("out", type=Path,
+                        help="the node's data-dir to write (train.txt, test.txt, dataset.json, images)")
     parser.add_argument("--partition-id", type=int, required=True)
     parser.add_argument("--num-partitions", type=int, required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -103,10 +153,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
         overrides = tomllib.loads("\n".join(args.set))
         cfg = parse_run_config(overrides)
         train, test = task.client_splits(cfg, args.partition_id, args.num_partitions)
+        bundle = task.dataset(cfg.dataset, cfg.data_root)
     except (ConfigError, ValueError, tomllib.TOMLDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     n_train, n_test = export_split(train, args.out, "train"), export_split(test, args.out, "test")
+    write_node_classes(args.out, cfg.dataset, bundle.classnames, bundle.template)
     print(f"wrote {n_train} train and {n_test} test images of partition {args.partition_id} to {args.out}")
     return 0
 
