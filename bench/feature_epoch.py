@@ -15,6 +15,10 @@ largest difference between recomputed and cached features is printed. Target:
 >= 10x on the embedded default (prompt).
 
     python bench/feature_epoch.py [--variants prompt,adapter] [--repeats 5] [--client -1 (largest)]
+                                  [--model ViT-B-16] [--threads 1]
+
+``--model`` times an open_clip architecture at its real size (random initial
+weights, see ``bench/real_size.py``) instead of the embedded tiny CLIP.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fedpurel_app import task  # noqa: E402
 from fedpurel_app.config import parse_run_config  # noqa: E402
 from fedpurel_app.models import preprocess_images  # noqa: E402
 from fedpurel_app.training import seeded_generator, stage1_step  # noqa: E402
+from real_size import run_config  # noqa: E402
 
 
 def epoch(model, data, cfg, features_of) -> float:
@@ -55,10 +61,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--client", type=int, default=-1, help="partition id (-1: the largest client)")
     parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--model", default=None, help="an open_clip architecture at its real size (random weights)")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     for variant in args.variants.split(","):
-        cfg = parse_run_config({"peft": variant})
+        cfg = parse_run_config({"peft": variant, **run_config(args.model)})
         if args.client < 0:
             sizes = [len(t) for t in task.fedlt_split(cfg, args.clients).client_train]
             args.client = max(range(args.clients), key=sizes.__getitem__)
@@ -91,9 +99,9 @@ def main() -> None:
                     times[name].append(t)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         steps = -(-len(data) // cfg.batch_size)
-        print(f"config: peft={variant} dataset={cfg.dataset} client {args.client} of {args.clients} "
+        print(f"config: peft={variant} model={cfg.model} dataset={cfg.dataset} client {args.client} of {args.clients} "
               f"({len(data)} images, {steps} steps of batch {cfg.batch_size}), method={cfg.method}, "
-              f"threads 1, {args.repeats} interleaved repeats, medians")
+              f"threads {args.threads}, {args.repeats} interleaved repeats, medians")
         print(f"  epoch: cached {1e3 * med['cached']:.1f} ms | encoder in the loop "
               f"{1e3 * med['encoder in the loop']:.1f} ms | encoder + preprocess in the loop "
               f"{1e3 * med['+ preprocess']:.1f} ms")

@@ -149,6 +149,25 @@ class Stage1Stats:
         return means
 
 
+def both_gradients(
+    task_loss: torch.Tensor, align_loss: torch.Tensor, params: list[torch.nn.Parameter]
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """(g_task, g_align): the gradients of both losses w.r.t. ``params`` in ONE batched backward pass.
+
+    ``autograd.grad`` of the stacked losses with the identity as a batch of
+    output gradients (``is_grads_batched``): every node of the shared graph is
+    traversed once for both, with the same values as two separate
+    ``autograd.grad`` calls (bitwise, measured). A parameter a loss does not
+    reach gets ``None``. At CLIP ViT-B/16's size the step is ~8 % faster than
+    with two passes (``bench/purification.py --model ViT-B-16``); on the tiny
+    model it is 1-9 % slower.
+    """
+    stacked = torch.stack([task_loss, align_loss.to(task_loss.dtype)])
+    eye = torch.eye(2, dtype=stacked.dtype, device=stacked.device)
+    grads = torch.autograd.grad(stacked, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+    return [None if g is None else g[0] for g in grads], [None if g is None else g[1] for g in grads]
+
+
 def stage1_step(
     peft: PeftVariant,
     features: torch.Tensor,
@@ -190,8 +209,7 @@ def stage1_step(
             tol=options.tau_tol,
             max_iter=options.tau_max_iter,
         )
-        task_grads = torch.autograd.grad(task_loss * scale, params, retain_graph=True)
-        align_grads = torch.autograd.grad(align_loss * scale, params, allow_unused=True)
+        task_grads, align_grads = both_gradients(task_loss * scale, align_loss * scale, params)
         grads, stats = purify_gradients_with_stats(task_grads, align_grads, options.granularity, on_device=True)
         align_value = align_loss.detach()
     if scale != 1.0:

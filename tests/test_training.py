@@ -150,3 +150,34 @@ def test_purification_statistics_are_reported_only_when_purification_ran(setup):
     assert "conflict-rate" not in plain.means() and "mean-cosine" not in plain.means()
     purified = train_global(model, train, Stage1Options(align="tkl", lr=0.01), 1, 8, seeded_generator(0, 1, 9, 0))
     assert 0.0 <= purified.means()["conflict-rate"] <= 1.0
+
+
+@pytest.mark.parametrize("variant", ["prompt", "adapter", "lora"])
+def test_both_gradients_in_one_backward_equal_two_separate_passes(small_cfg, variant):
+    """The Stage-1 step's single batched backward gives exactly the gradients of two passes."""
+    from fedpurel_app.config import parse_run_config
+    from fedpurel_app.tkl import temperature_aligned_kl
+    from fedpurel_app.training import both_gradients
+
+    cfg = parse_run_config({**small_cfg.to_flower(), "peft": variant})
+    model = task.build_model(cfg)
+    with torch.no_grad():  # leave the zero-shot point so that every tensor has a gradient
+        for p in model.global_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    train, _ = task.client_feature_sets(cfg, 0, 5)
+    x, y, z = train.features[:8], train.labels[:8], train.zero_shot_logits[:8]
+    params = model.global_parameters()
+
+    def losses():
+        logits = model.global_logits(x)
+        return torch.nn.functional.cross_entropy(logits, y), temperature_aligned_kl(logits, z)
+
+    task_loss, align_loss = losses()
+    expected_task = torch.autograd.grad(task_loss, params, retain_graph=True)
+    expected_align = torch.autograd.grad(align_loss, params)
+    got_task, got_align = both_gradients(*losses(), params)
+    for got, want in zip([*got_task, *got_align], [*expected_task, *expected_align], strict=True):
+        assert torch.equal(got, want)
+    unused = torch.nn.Parameter(torch.zeros(3))
+    got_task, got_align = both_gradients(*losses(), [*params, unused])
+    assert got_task[-1] is None and got_align[-1] is None
