@@ -112,5 +112,6 @@ def main() -> None:
         gm, pm = results["final"].get("gm", {}), results["final"].get("pm", {})
         print(f"final {name}: GM all {gm.get('all', float('nan')):.3f} | PM all {pm.get('all', float('nan')):.3f}")
 
+
 if __name__ == "__main__":
     main()

@@ -76,8 +76,8 @@ def batched(model, x, y, z, opts):
     return tuple(g[0] for g in grads), tuple(g[1] for g in grads)
 
 
-def bench_variant(variant: str, batch: int, repeats: int, model: str | None = None) -> dict:
-    cfg = parse_run_config({"peft": variant, **run_config(model)})
+def bench_variant(variant: str, batch: int, repeats: int, model_name: str | None = None) -> dict:
+    cfg = parse_run_config({"peft": variant, **run_config(model_name)})
     model = task.build_model(cfg)
     train, _ = task.client_feature_sets(cfg, 0, 20)
     idx = torch.arange(min(batch, len(train)))
@@ -93,7 +93,7 @@ def bench_variant(variant: str, batch: int, repeats: int, model: str | None = No
         opt = torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
         return _timed(lambda: stage1_step(model, x, y, z, opt, opts))
 
-    for _ in range(1 if model else 3):  # warm-up (one step of a real-size model is long enough)
+    for _ in range(1 if model_name else 3):  # warm-up (one step of a real-size model is long enough)
         step(plain_opts), step(purified_opts)
         two_calls(model, x, y, z, base), batched(model, x, y, z, base)
     plain, purified, two, one = [], [], [], []

@@ -24,28 +24,18 @@ class FaultyGrid(DirectGrid):
         super().__init__(run_config)
         self.faults = faults  # (node, message type, round) -> "crash" | "silent" | "nan"
 
-    def push_messages(self, messages):
-        """Run each handler; a "silent" node never replies (the server waits until round-timeout)."""
-        self.replies = getattr(self, "replies", {})
-        ids = []
-        for i, msg in enumerate(messages):
-            rnd = int(msg.content["config"]["server-round"])
-            msg.metadata.__dict__["_message_id"] = f"{rnd}-{msg.metadata.message_type}-{i}"
-            ids.append(msg.metadata.message_id)
-            fault = self.faults.get((msg.metadata.dst_node_id, msg.metadata.message_type, rnd))
-            if fault == "silent":
-                continue
-            if fault == "crash":
-                self.replies[msg.metadata.message_id] = Message(
-                    Error(code=0, reason="ClientApp raised RuntimeError"), reply_to=msg
-                )
-                continue
-            reply = self.HANDLERS[msg.metadata.message_type](msg, self.contexts[msg.metadata.dst_node_id])
-            if fault == "nan":
-                arrays = reply.content["arrays"].to_torch_state_dict()
-                reply.content["arrays"] = ArrayRecord({k: torch.full_like(v, float("nan")) for k, v in arrays.items()})
-            self.replies[msg.metadata.message_id] = reply
-        return ids
+    def reply(self, msg: Message, server_round: int) -> Message | None:
+        """A "silent" node never replies (the server waits until round-timeout)."""
+        fault = self.faults.get((msg.metadata.dst_node_id, msg.metadata.message_type, server_round))
+        if fault == "silent":
+            return None
+        if fault == "crash":
+            return Message(Error(code=0, reason="ClientApp raised RuntimeError"), reply_to=msg)
+        reply = super().reply(msg, server_round)
+        if fault == "nan":
+            arrays = reply.content["arrays"].to_torch_state_dict()
+            reply.content["arrays"] = ArrayRecord({k: torch.full_like(v, float("nan")) for k, v in arrays.items()})
+        return reply
 
 
 def test_a_run_survives_crashing_silent_and_poisoned_clients(tmp_path, caplog):

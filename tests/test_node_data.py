@@ -52,7 +52,7 @@ def test_node_data_gives_the_same_features_as_the_partition(node_dir, small_cfg)
          "written for dataset 'mnist', but the run uses 'mnist-animals'"),
     ],
 )
-def test_a_bad_data_dir_is_one_clear_error(node_dir, tmp_path, damage, expected):
+def test_a_bad_data_dir_is_one_clear_error(node_dir, small_cfg, tmp_path, damage, expected):
     import shutil
 
     copy = tmp_path / "copy"
@@ -60,13 +60,7 @@ def test_a_bad_data_dir_is_one_clear_error(node_dir, tmp_path, damage, expected)
     damage(copy)
     (tmp_path / "outside.png").write_bytes((copy / "test" / "000000.png").read_bytes())  # exists, but not ours
     with pytest.raises(NodeDataError, match=expected.replace("[", r"\[").replace("]", r"\]")):
-        task.client_splits(task_cfg(), 1, 4, data_dir=str(copy))
-
-
-def task_cfg():
-    from fedpurel_app.config import parse_run_config
-
-    return parse_run_config(SMALL_RUN)
+        task.client_splits(small_cfg, 1, 4, data_dir=str(copy))
 
 
 def test_a_missing_data_dir_is_named(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from safetensors.torch import load_file
 
 from client_app import app as client
@@ -66,24 +66,28 @@ class DirectGrid:
             context.run_config.clear()
             context.run_config.update(run_config)
         self.kill_at_round = kill_at_round
+        self.replies: dict[str, Message] = {}
 
     def get_node_ids(self):
         return list(self.contexts)
 
     def push_messages(self, messages):
-        """Run each message's handler at once; its reply waits for pull_messages."""
-        self.replies = getattr(self, "replies", {})
+        """Run each message's handler at once; its reply (if any) waits for pull_messages."""
         ids = []
         for i, msg in enumerate(messages):
             rnd = int(msg.content["config"]["server-round"])
             if rnd == self.kill_at_round:
                 raise Killed(f"killed while sending round {rnd}")
             msg.metadata.__dict__["_message_id"] = f"{rnd}-{msg.metadata.message_type}-{i}"
-            self.replies[msg.metadata.message_id] = self.HANDLERS[msg.metadata.message_type](
-                msg, self.contexts[msg.metadata.dst_node_id]
-            )
             ids.append(msg.metadata.message_id)
+            reply = self.reply(msg, rnd)
+            if reply is not None:
+                self.replies[msg.metadata.message_id] = reply
         return ids
+
+    def reply(self, msg: Message, server_round: int) -> Message | None:
+        """What the node answers to ``msg`` (None: it never answers)."""
+        return self.HANDLERS[msg.metadata.message_type](msg, self.contexts[msg.metadata.dst_node_id])
 
     def pull_messages(self, message_ids):
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
