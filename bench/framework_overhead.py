@@ -1,6 +1,7 @@
 """Framework overhead: a Flower simulation run vs the plain in-process loop, same config.
 
-For each length in ``--rounds`` (default 5 and 15 Stage-1 rounds), this process
+For each length in ``--rounds`` (default 5 and 30 Stage-1 rounds, then the
+default config's 5 personalization rounds: 30 is the default config), this process
 runs ``bash scripts/run.sh`` (Flower simulation, Ray, ``NUM_SUPERNODES``
 SuperNodes) in a subprocess and ``bench/inprocess.py``'s loop in-process, one
 after the other, and prints the wall time of each and their ratio. A linear
@@ -13,7 +14,7 @@ the same seeds; the final GM of both is printed, with the largest per-class
 difference (FedAvg's float32 sums are not written the same way, so the two
 may drift apart by rounding).
 
-    python bench/framework_overhead.py [--rounds 5,15] [--clients 20] [--set key=value ...]
+    python bench/framework_overhead.py [--rounds 5,30] [--clients 20] [--set key=value ...]
 
 Runs on the local SuperLink of ``scripts/run.sh`` (127.0.0.1:39091). If one is
 already running (someone else's run), Flower would reuse it, the floor would not
@@ -76,10 +77,10 @@ def fit(xs: list[int], ys: list[float]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", default="5,15")
+    parser.add_argument("--rounds", default="5,30")
     parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--set", action="append", default=["personal-rounds=1"],
-                        help="run-config key=value (TOML value); personal-rounds=1 by default")
+    parser.add_argument("--set", action="append", default=[],
+                        help="run-config key=value (TOML value) on top of the default config")
     parser.add_argument("--wait", type=float, default=600.0, help="seconds to wait for a free SuperLink port")
     parser.add_argument("--shared", action="store_true", help="run even if a local SuperLink is running")
     args = parser.parse_args()

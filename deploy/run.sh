@@ -17,9 +17,12 @@ cd "$FEDPUREL_REPO"
 output_dir=${OUTPUT_DIR:-$DEPLOY_DIR/outputs}
 mkdir -p "$output_dir"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+stage=$(mktemp -d)
+trap 'rm -rf "$log" "$stage"' EXIT
 
-flwr run . "$CONNECTION" --stream --run-config "output-dir='$output_dir' ${1:-}" 2>&1 \
+# A copy of the app's own files: `flwr run .` would list .venv's too (5 s); same FAB.
+app=$(python scripts/stage_app.py "$stage/app")
+flwr run "$app" "$CONNECTION" --stream --run-config "output-dir='$output_dir' ${1:-}" 2>&1 \
   | grep --line-buffered -v -E "^(INFO|DEBUG):flwr:|^\s*$" | tee "$log"
 
 run_id=$(sed -n 's/.*Successfully started run \([0-9]*\).*/\1/p' "$log" | tail -n 1)
