@@ -115,18 +115,15 @@ def _purify(
 
     device = pairs[0][0].device
     acc = _acc_dtype(*(t for pair in pairs for t in pair[:2]))
-    dots, task_sq, align_sq = [], [], []
+    # Per tensor, one float64 2x2 Gram matrix of (g_task, g_align): <g_task, g_align>
+    # and both squared norms in one product (float64: squared norms of float32
+    # gradients above ~1.8e19 overflow float32 and would turn the projection into NaN).
+    grams = []
     for gt, ga, _ in pairs:
-        # Inner products in float64: squared norms of float32 gradients above ~1.8e19
-        # overflow float32 and would turn the projection into NaN.
-        gt_a = gt.detach().to(torch.float64)
-        ga_a = ga.detach().to(torch.float64)
-        dots.append((gt_a * ga_a).sum().to(device))
-        task_sq.append((gt_a * gt_a).sum().to(device))
-        align_sq.append((ga_a * ga_a).sum().to(device))
-    dot_t = torch.stack(dots)  # [n_tensors]
-    task_sq_t = torch.stack(task_sq)
-    align_sq_t = torch.stack(align_sq)
+        both = torch.stack([gt.detach().reshape(-1), ga.detach().to(gt.device).reshape(-1)]).to(torch.float64)
+        grams.append((both @ both.T).to(device))
+    gram = torch.stack(grams)  # [n_tensors, 2, 2]
+    dot_t, task_sq_t, align_sq_t = gram[:, 0, 1], gram[:, 0, 0], gram[:, 1, 1]
 
     if granularity == "tensor":
         unit_dot = dot_t
@@ -135,7 +132,7 @@ def _purify(
         unit_dot = dot_t.sum().expand_as(dot_t)
         unit_sq = align_sq_t.sum().expand_as(dot_t)
     conflict = unit_dot < 0
-    coef = torch.where(conflict, unit_dot / (unit_sq + eps), torch.zeros_like(unit_dot)).to(acc)
+    coef = torch.where(conflict, unit_dot / (unit_sq + eps), 0.0).to(acc)
 
     purified: list[Tensor] = []
     if device.type == "cpu" and all(t.device.type == "cpu" for pair in pairs for t in pair[:2]):
@@ -149,13 +146,12 @@ def _purify(
                 purified.append((gt.to(acc) - c * ga.to(acc)).to(out_dtype))
             else:
                 purified.append(gt.to(out_dtype, copy=True))
-        unit_conflicts = conflict if granularity == "tensor" else conflict[:1]
-        return purified, unit_conflicts, dot_t.sum(), task_sq_t.sum(), align_sq_t.sum()
-    for i, (gt, ga, task_was_none) in enumerate(pairs):
-        out_dtype = ga.dtype if task_was_none else gt.dtype
-        c = coef[i].to(gt.device)
-        projected = (gt.to(acc) - c * ga.to(acc)).to(out_dtype)
-        purified.append(torch.where(conflict[i].to(gt.device), projected, gt.to(out_dtype)))
+    else:
+        for i, (gt, ga, task_was_none) in enumerate(pairs):
+            out_dtype = ga.dtype if task_was_none else gt.dtype
+            c = coef[i].to(gt.device)
+            projected = (gt.to(acc) - c * ga.to(acc)).to(out_dtype)
+            purified.append(torch.where(conflict[i].to(gt.device), projected, gt.to(out_dtype)))
 
     unit_conflicts = conflict if granularity == "tensor" else conflict[:1]
     return purified, unit_conflicts, dot_t.sum(), task_sq_t.sum(), align_sq_t.sum()
@@ -185,8 +181,8 @@ def purify_gradients_with_stats(
         return purified, PurificationStats(conflict=0.0, cosine=0.0)
     assert dot is not None and tsq is not None and asq is not None
     conflict = conflicts.to(torch.float64).mean()
-    valid = (tsq > 0) & (asq > 0) & torch.isfinite(tsq) & torch.isfinite(asq) & torch.isfinite(dot)
-    cosine = torch.where(valid, (dot / (tsq.sqrt() * asq.sqrt())).clamp(-1.0, 1.0), 0.0)
+    # A zero or non-finite norm or dot gives 0/0, x/inf or inf/inf: NaN or 0, reported as 0.
+    cosine = (dot / (tsq.sqrt() * asq.sqrt())).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).clamp(-1.0, 1.0)
     if on_device:
         return purified, PurificationStats(conflict=conflict, cosine=cosine)
     conflict_f, cosine_f = torch.stack([conflict, cosine]).tolist()

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from fedpurel_app.tkl import (
     aligned_temperatures,
+    default_probes,
     entropy,
     solve_temperature,
     temperature_aligned_kl,
@@ -135,6 +136,56 @@ def test_solve_extreme_logits_finite(device):
 def test_solve_nan_target_is_finite():
     tau = solve_temperature(torch.tensor([[0.0, 1.0]]), torch.tensor([float("nan")]))
     assert torch.isfinite(tau).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    c=st.integers(2, 40),
+    scale=st.floats(0.1, 10.0),
+    points=st.sampled_from([2, 3, 7, 15, 63]),
+)
+def test_probes_per_round_find_the_bisection_answer(seed, c, scale, points):
+    # Both brackets contain the crossing and end narrower than tol: the answers
+    # are within tol of each other, and each reproduces the target entropy.
+    logits = _logits(seed, 8, c, scale)
+    tau_true = torch.rand(8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 5 + 0.1
+    target = entropy(logits / tau_true.unsqueeze(-1))
+    bisection = solve_temperature(logits, target, tol=1e-9, max_iter=60, points=1)
+    probed = solve_temperature(logits, target, tol=1e-9, max_iter=60, points=points)
+    assert (probed - bisection).abs().max() <= 1e-9
+    assert torch.allclose(entropy(logits / probed.unsqueeze(-1)), target, atol=1e-6)
+
+
+def test_rounds_and_max_iter_count_halvings():
+    logits = torch.tensor([[0.0, 1.0, 3.0]], dtype=torch.float64)
+    target = entropy(logits / 2.0)
+    # max_iter=0: no round, the bracket midpoint
+    assert solve_temperature(logits, target, max_iter=0, points=7).item() == pytest.approx((0.05 + 20.0) / 2)
+    # 3 halvings = one round of 7 probes: width (20 - 0.05) / 8, tau within half of it
+    one_round = solve_temperature(logits, target, max_iter=3, points=7).item()
+    assert abs(one_round - 2.0) <= (20.0 - 0.05) / 16
+    assert abs(one_round - 2.0) > 1e-3  # and no further
+    with pytest.raises(ValueError, match="points"):
+        solve_temperature(logits, target, points=0)
+
+
+def test_default_probes_depend_on_classes_and_device_only():
+    assert [default_probes(c) for c in (2, 5, 10, 20, 50, 1000)] == [63, 15, 7, 7, 1, 1]
+    assert [default_probes(c, "cuda") for c in (20, 100, 1000, 5000)] == [63, 31, 3, 1]
+    # a row's temperature is the same alone and inside any batch
+    logits = _logits(3, 33, 20, 4.0, dtype=torch.float32)
+    target = entropy(logits / 1.7)
+    batch = solve_temperature(logits, target)
+    alone = torch.stack([solve_temperature(logits[i : i + 1], target[i : i + 1])[0] for i in range(33)])
+    assert torch.equal(batch, alone)
+
+
+def test_minus_inf_logits_count_as_absent_classes():
+    row = torch.tensor([[0.5, -1.0, 2.0, 0.0]])
+    with_inf = torch.tensor([[0.5, -1.0, 2.0, 0.0, -math.inf, -math.inf]])
+    target = torch.tensor([0.9])
+    assert torch.allclose(solve_temperature(with_inf, target), solve_temperature(row, target), atol=1e-6)
 
 
 # --------------------------------------------------------------------------- aligned temperatures
