@@ -2,17 +2,23 @@
 
 For each length in ``--rounds`` (default 5 and 30 Stage-1 rounds, then the
 default config's 5 personalization rounds: 30 is the default config), this process
-runs ``bash scripts/run.sh`` (Flower simulation, Ray, ``NUM_SUPERNODES``
-SuperNodes) in a subprocess and ``bench/inprocess.py``'s loop in-process, one
-after the other, and prints the wall time of each and their ratio. A linear
-fit over the two lengths, t = floor + per_round * rounds, splits each side's
-wall time into a fixed start-up floor (Flower: SuperLink, Ray, actors importing
-the ClientApp; in-process: loading the model and the cached features) and a
-per-round cost. Both sample the same clients (the strategy orders nodes by
+times, one after the other:
+
+- ``bash scripts/run.sh`` (Flower simulation, Ray, ``NUM_SUPERNODES`` SuperNodes),
+  a subprocess, from the command to its exit;
+- ``python bench/inprocess.py`` (the plain loop), a subprocess timed the same way:
+  what a plain script doing the same computations costs, Python start-up and
+  imports included (the ratio the target is about);
+- the same loop in this process (warm: torch and the app already imported).
+
+A linear fit over the two lengths, t = floor + per_round * rounds, splits each
+side's wall time into a fixed start-up floor (Flower: SuperLink, Ray, actors
+importing the ClientApp; the loop: loading the model and the cached features)
+and a per-round cost. All sample the same clients (the strategy orders nodes by
 the partition they report, as the loop orders partitions) and train them with
-the same seeds; the final GM of both is printed, with the largest per-class
-difference (FedAvg's float32 sums are not written the same way, so the two
-may drift apart by rounding).
+the same seeds; the final GM of each is printed, with the largest per-class
+difference (FedAvg's float32 sums are not written the same way, so they may
+drift apart by rounding).
 
     python bench/framework_overhead.py [--rounds 5,30] [--clients 20] [--set key=value ...]
 
@@ -69,6 +75,20 @@ def flower_run(overrides: str, clients: int, out: Path) -> tuple[float, dict]:
     return wall, json.loads(results.read_text())
 
 
+def loop_run(run: dict, clients: int) -> tuple[float, dict]:
+    """Wall time and summary of ``bench/inprocess.py`` in a fresh process, one thread."""
+    cmd = [sys.executable, str(ROOT / "bench" / "inprocess.py"), "--threads", "1", "--clients", str(clients),
+           "--per-class"]
+    for key, value in run.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"bench/inprocess.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def fit(xs: list[int], ys: list[float]) -> tuple[float, float]:
     """(floor, per_round) of the line through the first and last point."""
     per_round = (ys[-1] - ys[0]) / (xs[-1] - xs[0])
@@ -96,40 +116,49 @@ def main() -> None:
           f"overrides {args.set}, Stage-1 rounds {lengths}; nproc {os.cpu_count()}")
     if superlink_running():
         print("note: a local SuperLink was already running and is reused: the Flower floor excludes its start")
-    flower_t, loop_t = [], []
+    flower_t, fresh_t, loop_t = [], [], []
     for rounds in lengths:
         run = dict(base, **{"num-rounds": rounds})
         overrides = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in run.items())
         overrides = overrides.replace('"', "'")
         with tempfile.TemporaryDirectory() as out:
             wall_f, results = flower_run(overrides, args.clients, Path(out))
+        wall_p, fresh = loop_run(run, args.clients)
         cfg = parse_run_config(run)
         torch.manual_seed(cfg.seed)
         start = time.perf_counter()
         loop = run_inprocess(cfg, args.clients)
         wall_l = time.perf_counter() - start
         flower_t.append(wall_f)
+        fresh_t.append(wall_p)
         loop_t.append(wall_l)
         gm_f = results["final"]["gm"]
-        print(f"{rounds:>3d} rounds: flower {wall_f:6.1f} s | in-process {wall_l:6.1f} s | "
-              f"ratio {wall_f / wall_l:.1f}x", flush=True)
-        print(f"    final GM  flower    : " + " ".join(f"{k} {gm_f[k]:.3f}" for k in KEYS))
-        print(f"    final GM  in-process: " + " ".join(f"{k} {loop['gm'][k]:.3f}" for k in KEYS))
-        diff = max(abs(a - b) for a, b in zip(gm_f["per_class"], loop["gm"]["per_class"], strict=True))
-        print(f"    PM all    flower {results['final']['pm']['all']:.3f} | in-process {loop['pm']['all']:.3f}; "
-              f"largest per-class GM difference {diff:.3f}")
+        print(f"{rounds:>3d} rounds: flower {wall_f:6.1f} s | plain loop, fresh process {wall_p:6.1f} s "
+              f"(ratio {wall_f / wall_p:.2f}x, overhead {100 * (wall_f / wall_p - 1):.0f}%) | plain loop, warm "
+              f"{wall_l:6.1f} s (ratio {wall_f / wall_l:.2f}x)", flush=True)
+        print("    final GM  flower    : " + " ".join(f"{k} {gm_f[k]:.3f}" for k in KEYS))
+        print("    final GM  plain loop: " + " ".join(f"{k} {loop['gm'][k]:.3f}" for k in KEYS))
+        diff = max(
+            abs(a - b)
+            for other in (loop["gm"]["per_class"], fresh["gm_per_class"])
+            for a, b in zip(gm_f["per_class"], other, strict=True)
+        )
+        print(f"    PM all    flower {results['final']['pm']['all']:.3f} | plain loop {loop['pm']['all']:.3f} "
+              f"(fresh process {fresh['pm_all']:.3f}); largest per-class GM difference {diff:.3f}")
     if len(lengths) >= 2:
         floor_f, per_f = fit(lengths, flower_t)
+        floor_p, per_p = fit(lengths, fresh_t)
         floor_l, per_l = fit(lengths, loop_t)
         print(f"fit t = floor + per_round * rounds: flower floor {floor_f:.1f} s + {per_f:.2f} s/round | "
-              f"in-process floor {floor_l:.1f} s + {per_l:.2f} s/round")
-        for rounds, tf, tl in zip(lengths, flower_t, loop_t):
-            gap = tf - tl
-            print(f"{rounds:>3d} rounds: gap {gap:.1f} s = floor {floor_f - floor_l:.1f} s "
-                  f"({100 * (floor_f - floor_l) / gap:.0f}%) + per-round {(per_f - per_l) * rounds:.1f} s "
-                  f"({100 * (per_f - per_l) * rounds / gap:.0f}%)")
-        print(f"per-round ratio flower / in-process: {per_f / per_l:.2f}x")
-
+              f"plain loop, fresh process: floor {floor_p:.1f} s + {per_p:.2f} s/round | "
+              f"warm: floor {floor_l:.1f} s + {per_l:.2f} s/round")
+        for rounds, tf, tp in zip(lengths, flower_t, fresh_t):
+            gap = tf - tp
+            print(f"{rounds:>3d} rounds: gap to the fresh-process loop {gap:.1f} s = floor {floor_f - floor_p:.1f} s "
+                  f"({100 * (floor_f - floor_p) / gap:.0f}%) + per-round {(per_f - per_p) * rounds:.1f} s "
+                  f"({100 * (per_f - per_p) * rounds / gap:.0f}%)")
+        print(f"per-round ratio flower / plain loop: {per_f / per_p:.2f}x (fresh process), "
+              f"{per_f / per_l:.2f}x (warm)")
 
 if __name__ == "__main__":
     main()

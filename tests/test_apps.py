@@ -264,11 +264,38 @@ def test_exchange_polls_quickly_and_stops_when_every_reply_arrived():
 
 
 def test_exchange_gives_up_after_the_timeout_with_what_arrived():
+    import time
+
     from server_app.exchange import send_and_receive
 
     grid = PollingGrid([["a"]])
+    t0 = time.monotonic()
     replies = send_and_receive(grid, ["a", "b"], timeout=0.2, pull_interval=0.01)
     assert len(replies) == 1 and grid.pulls > 3
+    assert time.monotonic() - t0 < 0.4  # the backed-off wait stops at the timeout
+
+
+def test_exchange_backs_off_after_a_quiet_second_and_not_past_the_cap(monkeypatch):
+    from server_app import exchange
+
+    clock = [0.0]
+    waits = []
+
+    def sleep(seconds):
+        waits.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(exchange.time, "sleep", sleep)
+    monkeypatch.setattr(exchange.time, "monotonic", lambda: clock[0])
+    grid = PollingGrid([[]] * 120 + [["a"], [], ["b"]])
+    replies = exchange.send_and_receive(grid, ["a", "b"], timeout=3600, pull_interval=0.01, max_pull_interval=0.1)
+    assert len(replies) == 2
+    n_fast = next(i for i, w in enumerate(waits) if w != pytest.approx(0.01))
+    assert n_fast >= 99  # every 10 ms for the first quiet second
+    grown = waits[n_fast:]
+    assert grown[0] == pytest.approx(0.015) and grown[1] == pytest.approx(0.0225)  # then 1.5x per empty pull
+    assert max(waits) == pytest.approx(0.1)  # capped
+    assert waits[120] == pytest.approx(0.01)  # back to 10 ms once a reply arrived
 
 
 def test_aggregation_does_not_depend_on_the_order_replies_arrive_in():
