@@ -13,7 +13,9 @@ i.e. the component of the task gradient that conflicts with the alignment
 direction is projected out. ``g_align`` itself is never added. The epsilon
 guards ``||g_align|| = 0`` (the reference produces NaN there).
 
-Dot products and norms are computed in float64 (no overflow for any finite
+Dot products and norms come from one 2x2 Gram matrix of (g_task, g_align)
+per tensor, in float64 on an accelerator and, on the CPU, in the gradients'
+precision, redone in float64 when that overflows (no overflow for any finite
 float32 gradient); the projection runs in float32 (float64 for float64 input)
 and each purified gradient is returned in the dtype of its task gradient.
 """
@@ -31,6 +33,7 @@ __all__ = [
     "PurificationStats",
     "purify_gradients",
     "purify_gradients_with_stats",
+    "purify_stacked_with_stats",
 ]
 
 #: Accepted values of ``granularity``.
@@ -93,36 +96,46 @@ def _pairs(
     return out
 
 
-def _purify(
-    task_grads: Sequence[Optional[Tensor]],
-    align_grads: Sequence[Optional[Tensor]],
-    granularity: str,
-    eps: float,
-) -> tuple[list[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Shared implementation.
-
-    Returns ``(purified, unit_conflicts, dot_total, task_sq_total, align_sq_total)``
-    where the last four are 0-d/1-d tensors (``None`` for empty input) kept
-    on-device so that callers that do not need statistics never synchronise.
-    """
+def _check_granularity(granularity: str) -> None:
     if granularity not in GRANULARITIES:
         raise ValueError(
             f"unknown granularity {granularity!r}; accepted values: {', '.join(map(repr, GRANULARITIES))}"
         )
-    pairs = _pairs(task_grads, align_grads)
-    if not pairs:
-        return [], None, None, None, None
 
-    device = pairs[0][0].device
-    acc = _acc_dtype(*(t for pair in pairs for t in pair[:2]))
-    # Per tensor, one float64 2x2 Gram matrix of (g_task, g_align): <g_task, g_align>
-    # and both squared norms in one product (float64: squared norms of float32
-    # gradients above ~1.8e19 overflow float32 and would turn the projection into NaN).
-    grams = []
-    for gt, ga, _ in pairs:
-        both = torch.stack([gt.detach().reshape(-1), ga.detach().to(gt.device).reshape(-1)]).to(torch.float64)
-        grams.append((both @ both.T).to(device))
-    gram = torch.stack(grams)  # [n_tensors, 2, 2]
+
+def _gram(both: Tensor, acc: torch.dtype, on_cpu: bool) -> Tensor:
+    """float64 ``[[<t,t>, <t,a>], [<a,t>, <a,a>]]`` of the rows (g_task, g_align) of ``both`` ``[2, n]``.
+
+    Squared norms of float32 gradients above ~1.8e19 overflow float32 and
+    would turn the projection into NaN, so a device computes the product in
+    float64. On the CPU, where reading a flag costs nothing, it is computed in
+    the gradients' own precision (no float64 copy of phi_g-sized tensors: the
+    largest cost of a purified adapter step at CLIP ViT-B/16's size) and
+    redone in float64 only when that overflowed.
+    """
+    if on_cpu:
+        rows = both.to(acc)
+        gram = rows @ rows.T
+        if bool(torch.isfinite(gram).all()):
+            return gram.to(torch.float64)
+    rows = both.to(torch.float64)
+    return rows @ rows.T
+
+
+def _purify_stacked(
+    stacked: Sequence[Tensor], out_dtypes: Sequence[torch.dtype], granularity: str, eps: float
+) -> tuple[list[Tensor], Tensor, Tensor, Tensor, Tensor]:
+    """Purify per-tensor ``[2, ...]`` stacks of (g_task, g_align).
+
+    Returns ``(purified, unit_conflicts, dot_total, task_sq_total, align_sq_total)``
+    where the last four are 0-d/1-d tensors kept on-device so that callers that
+    do not need statistics never synchronise.
+    """
+    device = stacked[0].device
+    rows = [g.detach().reshape(2, -1) for g in stacked]  # views of contiguous stacks
+    acc = _acc_dtype(*rows)
+    on_cpu = all(r.device.type == "cpu" for r in rows)
+    gram = torch.stack([_gram(r, acc, on_cpu).to(device) for r in rows])  # [n_tensors, 2, 2]
     dot_t, task_sq_t, align_sq_t = gram[:, 0, 1], gram[:, 0, 0], gram[:, 1, 1]
 
     if granularity == "tensor":
@@ -135,26 +148,80 @@ def _purify(
     coef = torch.where(conflict, unit_dot / (unit_sq + eps), 0.0).to(acc)
 
     purified: list[Tensor] = []
-    if device.type == "cpu" and all(t.device.type == "cpu" for pair in pairs for t in pair[:2]):
-        # On the CPU reading the conflict flags costs nothing (no device to wait
-        # for), and branching on them skips the projection of the tensors that do
-        # not conflict and the select of those that do: the same values as the
-        # torch.where path below, in fewer (tiny) operations.
-        for flag, c, (gt, ga, task_was_none) in zip(conflict.tolist(), coef, pairs):
-            out_dtype = ga.dtype if task_was_none else gt.dtype
+    if on_cpu:
+        # On the CPU reading the conflict flags and coefficients costs nothing (no
+        # device to wait for): a tensor that does not conflict is returned as it
+        # is (a view of its stack, never modified), one that does costs one pass.
+        for flag, c, g, out_dtype in zip(conflict.tolist(), coef.tolist(), stacked, out_dtypes):
+            g = g.detach()
             if flag:
-                purified.append((gt.to(acc) - c * ga.to(acc)).to(out_dtype))
+                purified.append(g[0].to(acc).add(g[1].to(acc), alpha=-c).to(out_dtype))
             else:
-                purified.append(gt.to(out_dtype, copy=True))
+                purified.append(g[0].to(out_dtype))
     else:
-        for i, (gt, ga, task_was_none) in enumerate(pairs):
-            out_dtype = ga.dtype if task_was_none else gt.dtype
-            c = coef[i].to(gt.device)
-            projected = (gt.to(acc) - c * ga.to(acc)).to(out_dtype)
-            purified.append(torch.where(conflict[i].to(gt.device), projected, gt.to(out_dtype)))
+        for i, (g, out_dtype) in enumerate(zip(stacked, out_dtypes)):
+            g = g.detach()
+            projected = (g[0].to(acc) - coef[i].to(g.device) * g[1].to(acc)).to(out_dtype)
+            purified.append(torch.where(conflict[i].to(g.device), projected, g[0].to(out_dtype)))
 
     unit_conflicts = conflict if granularity == "tensor" else conflict[:1]
     return purified, unit_conflicts, dot_t.sum(), task_sq_t.sum(), align_sq_t.sum()
+
+
+def _purify(
+    task_grads: Sequence[Optional[Tensor]],
+    align_grads: Sequence[Optional[Tensor]],
+    granularity: str,
+    eps: float,
+) -> tuple[list[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """:func:`_purify_stacked` of two lists (``None`` statistics for empty input)."""
+    _check_granularity(granularity)
+    pairs = _pairs(task_grads, align_grads)
+    if not pairs:
+        return [], None, None, None, None
+    acc = _acc_dtype(*(t for pair in pairs for t in pair[:2]))
+    stacked, out_dtypes = [], []
+    for gt, ga, task_was_none in pairs:
+        ga = ga.to(gt.device)
+        if gt.dtype != ga.dtype:
+            gt, ga = gt.to(acc), ga.to(acc)
+        stacked.append(torch.stack([gt, ga]))
+        out_dtypes.append(ga.dtype if task_was_none else gt.dtype)
+    return _purify_stacked(stacked, out_dtypes, granularity, eps)
+
+
+def _stats(
+    conflicts: Tensor, dot: Tensor, tsq: Tensor, asq: Tensor, on_device: bool
+) -> PurificationStats:
+    conflict = conflicts.to(torch.float64).mean()
+    # A zero or non-finite norm or dot gives 0/0, x/inf or inf/inf: NaN or 0, reported as 0.
+    cosine = (dot / (tsq.sqrt() * asq.sqrt())).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).clamp(-1.0, 1.0)
+    if on_device:
+        return PurificationStats(conflict=conflict, cosine=cosine)
+    conflict_f, cosine_f = torch.stack([conflict, cosine]).tolist()
+    return PurificationStats(conflict=conflict_f, cosine=cosine_f)
+
+
+def purify_stacked_with_stats(
+    stacked: Sequence[Tensor], granularity: str = "tensor", eps: float = 1e-12, on_device: bool = False
+) -> tuple[list[Tensor], PurificationStats]:
+    """:func:`purify_gradients_with_stats` of gradients stacked per parameter.
+
+    ``stacked[i]`` is ``[2, *shape]``: (g_task, g_align) of parameter i, as one
+    batched backward pass returns them (``training.both_gradients``); no
+    copy of them is made. Non-conflicting gradients may come back as views
+    of their stack.
+    """
+    _check_granularity(granularity)
+    if not stacked:
+        return [], PurificationStats(conflict=0.0, cosine=0.0)
+    for i, g in enumerate(stacked):
+        if g is None:
+            raise ValueError(f"no gradient at index {i}: neither loss reaches that parameter")
+        if g.dim() < 1 or g.shape[0] != 2:
+            raise ValueError(f"stacked gradient {i} must have a leading dimension of 2, got {tuple(g.shape)}")
+    purified, conflicts, dot, tsq, asq = _purify_stacked(stacked, [g.dtype for g in stacked], granularity, eps)
+    return purified, _stats(conflicts, dot, tsq, asq, on_device)
 
 
 def purify_gradients_with_stats(
@@ -180,13 +247,7 @@ def purify_gradients_with_stats(
     if conflicts is None:
         return purified, PurificationStats(conflict=0.0, cosine=0.0)
     assert dot is not None and tsq is not None and asq is not None
-    conflict = conflicts.to(torch.float64).mean()
-    # A zero or non-finite norm or dot gives 0/0, x/inf or inf/inf: NaN or 0, reported as 0.
-    cosine = (dot / (tsq.sqrt() * asq.sqrt())).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).clamp(-1.0, 1.0)
-    if on_device:
-        return purified, PurificationStats(conflict=conflict, cosine=cosine)
-    conflict_f, cosine_f = torch.stack([conflict, cosine]).tolist()
-    return purified, PurificationStats(conflict=conflict_f, cosine=cosine_f)
+    return purified, _stats(conflicts, dot, tsq, asq, on_device)
 
 
 def purify_gradients(

@@ -13,6 +13,7 @@ from fedpurel_app.purification import (
     PurificationStats,
     purify_gradients,
     purify_gradients_with_stats,
+    purify_stacked_with_stats,
 )
 
 T = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
@@ -209,3 +210,29 @@ def test_on_device_statistics_are_tensors_with_the_same_values(granularity):
     assert all(torch.equal(a, b) for a, b in zip(g_host, g_dev))
     _, zero = purify_gradients_with_stats([torch.zeros(3)], [T(1.0, 0.0, 0.0)], on_device=True)
     assert float(zero.cosine) == 0.0 and float(zero.conflict) == 0.0
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "flat"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stacked_gradients_purify_as_the_two_lists(granularity, dtype):
+    """The training path (one [2, ...] stack per parameter, as a batched backward returns them)
+    gives the values and statistics of the list API."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(4, 8), (8,), (2, 3, 5)]
+    stacked = [torch.randn(2, *shape, generator=g, dtype=dtype) for shape in shapes]
+    stacked[1][1] = -stacked[1][0]  # one certain conflict
+    before = [s.clone() for s in stacked]
+    out, stats = purify_stacked_with_stats(stacked, granularity=granularity)
+    want, want_stats = purify_gradients_with_stats([s[0] for s in stacked], [s[1] for s in stacked], granularity)
+    assert all(torch.equal(a, b) for a, b in zip(out, want, strict=True))
+    assert (stats.conflict, stats.cosine) == (want_stats.conflict, want_stats.cosine)
+    assert all(torch.equal(s, b) for s, b in zip(stacked, before))  # inputs untouched
+    assert [o.shape for o in out] == [torch.Size(s) for s in shapes] and all(o.dtype == dtype for o in out)
+
+
+def test_stacked_gradients_are_validated():
+    with pytest.raises(ValueError, match="neither loss reaches"):
+        purify_stacked_with_stats([torch.zeros(2, 3), None])
+    with pytest.raises(ValueError, match="leading dimension of 2"):
+        purify_stacked_with_stats([torch.zeros(3, 3)])
+    assert purify_stacked_with_stats([]) == ([], PurificationStats(conflict=0.0, cosine=0.0))

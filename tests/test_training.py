@@ -175,9 +175,9 @@ def test_both_gradients_in_one_backward_equal_two_separate_passes(small_cfg, var
     task_loss, align_loss = losses()
     expected_task = torch.autograd.grad(task_loss, params, retain_graph=True)
     expected_align = torch.autograd.grad(align_loss, params)
-    got_task, got_align = both_gradients(*losses(), params)
-    for got, want in zip([*got_task, *got_align], [*expected_task, *expected_align], strict=True):
-        assert torch.equal(got, want)
+    stacked = both_gradients(*losses(), params)
+    for got, want_task, want_align in zip(stacked, expected_task, expected_align, strict=True):
+        assert got.shape == (2, *want_task.shape)
+        assert torch.equal(got[0], want_task) and torch.equal(got[1], want_align)
     unused = torch.nn.Parameter(torch.zeros(3))
-    got_task, got_align = both_gradients(*losses(), [*params, unused])
-    assert got_task[-1] is None and got_align[-1] is None
+    assert both_gradients(*losses(), [*params, unused])[-1] is None
