@@ -11,7 +11,9 @@ Target: <= 1.5x.
 It also times the two ways of getting both gradients: ONE batched backward
 pass (``torch.autograd.grad`` with ``is_grads_batched=True`` on the stacked
 losses, what ``stage1_step`` does) against two ``autograd.grad`` calls, and
-reports the largest difference between the gradients of the two ways.
+reports the largest difference between the gradients of the two ways; and the
+TKL temperature solve of the batch by bisection against the default number of
+probes per round (``tkl.default_probes``), with the largest tau difference.
 
     python bench/purification.py [--variants prompt,adapter,lora] [--repeats 30] [--batch 16] [--threads 1]
                                  [--model ViT-B-16]
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fedpurel_app import task  # noqa: E402
 from fedpurel_app.config import parse_run_config  # noqa: E402
-from fedpurel_app.tkl import temperature_aligned_kl  # noqa: E402
+from fedpurel_app.tkl import default_probes, entropy, solve_temperature, temperature_aligned_kl  # noqa: E402
 from fedpurel_app.training import stage1_step  # noqa: E402
 from real_size import run_config  # noqa: E402
 
@@ -74,6 +76,27 @@ def batched(model, x, y, z, opts):
     stacked = torch.stack([task_loss, align_loss])
     grads = torch.autograd.grad(stacked, params, grad_outputs=torch.eye(2), is_grads_batched=True, allow_unused=True)
     return tuple(g[0] for g in grads), tuple(g[1] for g in grads)
+
+
+def solve_times(model, x, z, opts, repeats: int) -> dict:
+    """The TKL temperature solve of one batch (f and z stacked, as ``aligned_temperatures`` runs it):
+    plain bisection (``points=1``) against the default probes per round, interleaved."""
+    with torch.no_grad():
+        f = model.global_logits(x).float()
+    both = torch.cat([f, z.float()])
+    h_star = 0.5 * (entropy(f) + entropy(z.float()))
+    target = torch.cat([h_star, h_star])
+    kw = dict(tau_min=opts.tau_min, tau_max=opts.tau_max, tol=opts.tau_tol, max_iter=opts.tau_max_iter)
+    k = default_probes(both.shape[-1], both.device)
+    times = {1: [], k: []}
+    for r in range(repeats + 3):
+        for points in times:
+            t = _timed(lambda: [solve_temperature(both, target, points=points, **kw) for _ in range(20)]) / 20
+            if r >= 3:
+                times[points].append(t)
+    gap = float((solve_temperature(both, target, points=1, **kw) - solve_temperature(both, target, points=k, **kw)).abs().max())
+    return {"rows": tuple(both.shape), "points": k, "bisection_ms": 1e3 * statistics.median(times[1]),
+            "probed_ms": 1e3 * statistics.median(times[k]), "max_gap": gap, "tol": opts.tau_tol}
 
 
 def bench_variant(variant: str, batch: int, repeats: int, model_name: str | None = None) -> dict:
@@ -116,7 +139,8 @@ def bench_variant(variant: str, batch: int, repeats: int, model_name: str | None
     )
     n_params = sum(p.numel() for p in params)
     med = statistics.median
-    return {
+    solve = solve_times(model, x, z, base, repeats)
+    return {"solve": solve,
         "variant": variant, "params": n_params, "inputs": tuple(x.shape),
         "plain_ms": 1e3 * med(plain), "purified_ms": 1e3 * med(purified), "ratio": med(purified) / med(plain),
         "two_ms": 1e3 * med(two), "batched_ms": 1e3 * med(one), "batched_ratio": med(one) / med(two),
@@ -143,7 +167,12 @@ def main() -> None:
               f"ratio {r['ratio']:.2f}x (target <= 1.5x)")
         print(f"{'':8s} gradients: two autograd.grad calls {r['two_ms']:.2f} ms | one batched "
               f"(is_grads_batched) {r['batched_ms']:.2f} ms | batched/two {r['batched_ratio']:.2f}x | "
-              f"max |diff| {r['max_diff']:.2e} (bitwise identical: {r['identical']})", flush=True)
+              f"max |diff| {r['max_diff']:.2e} (bitwise identical: {r['identical']})")
+        sv = r["solve"]
+        print(f"{'':8s} TKL temperature solve of the batch's stacked f and z {sv['rows']}: bisection "
+              f"{sv['bisection_ms']:.3f} ms | {sv['points']} probes per round {sv['probed_ms']:.3f} ms | "
+              f"bisection/probed {sv['bisection_ms'] / sv['probed_ms']:.2f}x | max |tau difference| "
+              f"{sv['max_gap']:.1e} (tol {sv['tol']:g})", flush=True)
 
 
 if __name__ == "__main__":
