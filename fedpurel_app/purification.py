@@ -182,11 +182,11 @@ def _purify(
     acc = _acc_dtype(*(t for pair in pairs for t in pair[:2]))
     stacked, out_dtypes = [], []
     for gt, ga, task_was_none in pairs:
+        out_dtypes.append(ga.dtype if task_was_none else gt.dtype)  # before any cast below
         ga = ga.to(gt.device)
         if gt.dtype != ga.dtype:
             gt, ga = gt.to(acc), ga.to(acc)
         stacked.append(torch.stack([gt, ga]))
-        out_dtypes.append(ga.dtype if task_was_none else gt.dtype)
     return _purify_stacked(stacked, out_dtypes, granularity, eps)
 
 

@@ -196,6 +196,16 @@ def test_half_precision_and_extreme(dtype, granularity):
         assert torch.allclose(out[0].float(), torch.tensor([0.0, 0.0, 3.0]), atol=1e-2)
 
 
+@pytest.mark.parametrize("task_dtype", [torch.float16, torch.bfloat16])
+def test_mixed_dtypes_return_the_task_gradients_dtype(task_dtype):
+    gt = [torch.tensor([1.0, 0.0], dtype=task_dtype), torch.tensor([2.0], dtype=task_dtype)]
+    ga = [torch.tensor([-1.0, 1.0]), torch.tensor([1.0])]  # float32
+    out = purify_gradients(gt, ga)
+    assert [o.dtype for o in out] == [task_dtype, task_dtype]
+    assert torch.allclose(out[0].float(), torch.tensor([0.5, 0.5]), atol=1e-2)
+    assert torch.equal(out[1], gt[1])
+
+
 @pytest.mark.parametrize("granularity", ["tensor", "flat"])
 def test_on_device_statistics_are_tensors_with_the_same_values(granularity):
     """A training loop sums them on the device and reads them once; they equal the float ones."""
