@@ -3,9 +3,9 @@
 `flwr run .` lists every file below the app folder before it filters them
 with `fab-exclude` and `.gitignore`; with `.venv` at the repository root that
 walk visits ~55,000 files and takes 5 s of every run. The copy holds what the
-FAB ships (`fab-include` in `pyproject.toml`: the wheel's packages, `README.md`,
-`LICENSE`) and `pyproject.toml`, so the FAB built from it is byte for byte the
-one `flwr run .` builds, in a fraction of a second.
+FAB ships, read from `fab-include` in `pyproject.toml` (folders `name/**` and
+root files `/name`), and `pyproject.toml`, so the FAB built from it is byte for
+byte the one `flwr run .` builds, in a fraction of a second.
 
     python scripts/stage_app.py DEST    # DEST must not exist yet
 """
@@ -18,19 +18,22 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FILES = ("pyproject.toml", "README.md", "LICENSE")
 
 
 def stage(dest: Path) -> Path:
-    """Copy the app into ``dest`` (created; it must not exist) and return it."""
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"][
-        "packages"
-    ]
+    """Copy what ``fab-include`` names, and ``pyproject.toml``, into ``dest`` (created; it must not exist)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = config["tool"]["flwr"]["app"]["fab-include"]
     dest.mkdir(parents=True)
-    for name in FILES:
-        shutil.copy2(ROOT / name, dest / name)
-    for package in packages:
-        shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    for pattern in patterns:
+        name = pattern.lstrip("/").removesuffix("/**")
+        if any(c in name for c in "*?[") or not (ROOT / name).exists():
+            raise SystemExit(f"stage_app: fab-include pattern {pattern!r} is not a folder/** or a /file of this app")
+        if name != pattern.lstrip("/"):
+            shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(ROOT / name, dest / name)
     return dest
 
 

@@ -34,3 +34,20 @@ def test_staging_refuses_an_existing_folder(tmp_path):
     )
     assert out.returncode != 0
     assert "already exists" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_fab_include_pattern_it_cannot_copy_is_a_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("stage_app", ROOT / "scripts" / "stage_app.py")
+    stage_app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage_app)
+    (tmp_path / "pyproject.toml").write_text('[tool.flwr.app]\nfab-include = ["pkg/**", "src/*.py"]\n')
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("")
+    monkeypatch.setattr(stage_app, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match="'src/\\*.py' is not a folder/\\*\\* or a /file"):
+        stage_app.stage(tmp_path / "out")
+    assert (tmp_path / "out" / "pkg" / "a.py").is_file()  # what it could copy, it copied
