@@ -146,8 +146,9 @@ def solve_temperature(
         target_entropy: float or tensor broadcastable to ``logits.shape[:-1]``.
         tau_min, tau_max: bracket, ``0 < tau_min < tau_max``.
         tol: bracket width at which the search stops.
-        max_iter: the most halvings of the bracket (bisection steps, or their
-            equivalent in rounds of ``K`` probes: ``log2(K + 1)`` each).
+        max_iter: the most halvings of the bracket (bisection steps); with
+            ``K`` probes a round counts ``log2(K + 1)`` of them and the last
+            round is whole, so it may go up to that many halvings further.
         points: probes per round, ``K >= 1``; default :func:`default_probes`.
 
     Returns:
