@@ -303,6 +303,73 @@ def test_needs_transformers_reads_the_model_configs(name, needed):
     assert needs_transformers(name) is needed
 
 
+@pytest.mark.parametrize(
+    "name, needed",
+    [("fedpurel-tiny", False), ("ViT-B-16", False), ("roberta-ViT-B-32", False), ("EVA02-B-16", True),
+     ("ViT-B-16-SigLIP", True), ("PE-Core-T-16-384", True), ("hf-hub:timm/ViT-B-16-SigLIP", True),
+     ("no-such-model", True)],
+)
+def test_needs_timm_reads_the_model_configs(name, needed):
+    from fedpurel_app.models.factory import needs_timm
+
+    assert needs_timm(name) is needed
+
+
+def _fresh_python(code: str) -> dict[str, str]:
+    """Run ``code`` in a fresh interpreter at the repository root; its ``key value`` lines."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+
+
+def test_open_clip_is_imported_without_dynamo_and_timm_for_a_plain_clip_and_both_still_work():
+    """A plain CLIP's open_clip import leaves out torch._dynamo and timm; torchvision's roi_align
+    (whose module imported the stand-in) and torch.compile use the real dynamo afterwards, and timm
+    imports as usual."""
+    lines = _fresh_python(
+        "import sys, torch\n"
+        "from fedpurel_app.models.factory import import_open_clip\n"
+        "open_clip = import_open_clip('fedpurel-tiny')\n"
+        "print('dynamo', 'torch._dynamo' in sys.modules)\n"
+        "print('timm', 'timm' in sys.modules, open_clip.timm_model.timm is None)\n"
+        "import torchvision\n"
+        "ra = sys.modules['torchvision.ops.roi_align']\n"
+        "print('supported', ra.is_compile_supported('cpu'), 'torch._dynamo' in sys.modules)\n"
+        "boxes = torch.tensor([[0.0, 0.0, 0.0, 4.0, 4.0]])\n"
+        "print('roi', tuple(torchvision.ops.roi_align(torch.ones(1, 2, 8, 8), boxes, output_size=2).shape))\n"
+        "f = torch.compile(lambda x: x * 2, backend='eager')\n"
+        "print('compiled', f(torch.ones(3)).tolist())\n"
+        "import timm\n"
+        "print('timm-after', hasattr(timm, 'create_model'))\n"
+    )
+    assert lines["dynamo"] == "False"
+    assert lines["timm"] == "False True"
+    assert lines["supported"] == "True True"
+    assert lines["roi"] == "(1, 2, 2, 2)"
+    assert lines["compiled"] == "[2.0, 2.0, 2.0]"
+    assert lines["timm-after"] == "True"
+
+
+def test_a_timm_model_gets_timm_and_dynamo_stays_real_when_already_imported():
+    lines = _fresh_python(
+        "import sys, torch, torch._dynamo\n"
+        "from fedpurel_app.models.factory import import_open_clip\n"
+        "open_clip = import_open_clip('PE-Core-T-16-384')\n"
+        "print('timm', open_clip.timm_model.timm is not None)\n"
+        "model = open_clip.create_model('PE-Core-T-16-384')\n"
+        "print('built', type(model.visual).__name__)\n"
+        "print('dynamo', sys.modules['torchvision.ops.roi_align'].is_compile_supported.__module__)\n"
+    )
+    assert lines["timm"] == "True"
+    assert lines["built"] == "TimmModel"
+    assert lines["dynamo"] == "torch._dynamo.utils"
+
+
 def test_a_plain_clip_is_built_without_importing_transformers_and_lora_still_works():
     """A fresh process (a ClientApp message in deployment) builds the default model without
     transformers' import; peft (LoRA) imports it afterwards as usual."""

@@ -10,6 +10,8 @@ import os
 import socket
 import sys
 import threading
+import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +27,7 @@ __all__ = [
     "ModelLoadError",
     "create_clip",
     "import_open_clip",
+    "needs_timm",
     "needs_transformers",
     "register_model_configs",
     "resolve_device",
@@ -57,6 +60,25 @@ class Clip:
     logit_scale: float  # exp(model.logit_scale)
 
 
+def _model_config(model_name: str) -> dict | None:
+    """The JSON config of ``model_name`` in this package's or open_clip's config folder, read
+    without importing open_clip; None for a name without one (``hf-hub:``, unknown) or an
+    unreadable file."""
+    spec = importlib.util.find_spec("open_clip")
+    folders = [CONFIG_DIR]
+    if spec is not None and spec.submodule_search_locations:
+        folders.append(Path(next(iter(spec.submodule_search_locations))) / "model_configs")
+    for folder in folders:
+        path = folder / f"{model_name}.json"
+        if path.is_file():
+            try:
+                config = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None
+            return config if isinstance(config, dict) else None
+    return None
+
+
 def needs_transformers(model_name: str) -> bool:
     """Whether open_clip needs Hugging Face ``transformers`` for ``model_name``.
 
@@ -68,46 +90,88 @@ def needs_transformers(model_name: str) -> bool:
     """
     if "coca" in model_name.lower():
         return True
-    spec = importlib.util.find_spec("open_clip")
-    folders = [CONFIG_DIR]
-    if spec is not None and spec.submodule_search_locations:
-        folders.append(Path(next(iter(spec.submodule_search_locations))) / "model_configs")
-    for folder in folders:
-        path = folder / f"{model_name}.json"
-        if path.is_file():
-            try:
-                config = json.loads(path.read_text())
-            except (OSError, ValueError):
-                return True
-            return "hf_model_name" in config.get("text_cfg", {})
-    return True
+    config = _model_config(model_name)
+    return config is None or "hf_model_name" in config.get("text_cfg", {})
+
+
+def needs_timm(model_name: str) -> bool:
+    """Whether open_clip needs ``timm`` for ``model_name``: a config with a ``timm_model_name``
+    image tower, or a name without a config file here or in open_clip (as :func:`needs_transformers`)."""
+    config = _model_config(model_name)
+    return config is None or "timm_model_name" in config.get("vision_cfg", {})
+
+
+_OPTIONAL_IMPORTS = {"transformers": needs_transformers, "timm": needs_timm}
 
 
 def import_open_clip(model_name: str | None = None):
-    """``import open_clip``, without importing ``transformers`` when ``model_name`` does not need it.
+    """``import open_clip`` without the imports ``model_name`` does not need.
 
-    open_clip imports ``transformers`` at its own import (for HF text towers
-    and CoCa), which costs ~0.9 s of a ~2.9 s import on 2 CPU cores (measured),
-    and in deployment every ClientApp message is a fresh process that pays it.
-    For a model known to be a plain CLIP (:func:`needs_transformers` False),
-    open_clip is imported with ``transformers`` hidden, so it takes its
-    "not installed" branch; the module stays importable by anyone else
-    afterwards (``peft`` for LoRA imports it as usual). When open_clip or
-    transformers is already imported, or the model may need it, this is a
-    plain import.
+    In deployment every ClientApp message is a fresh process that imports
+    open_clip, and in simulation the server and every Ray actor import it too.
+    Most of that import is for what a plain CLIP never uses (measured on 2
+    CPU cores: 2.75 s with everything, 0.55 s without):
+
+    - ``transformers`` (HF text towers, CoCa) and ``timm`` (timm image towers):
+      when :func:`needs_transformers` / :func:`needs_timm` say the model does
+      not need one, open_clip is imported with it hidden, so it takes its
+      "not installed" branch for that module. Both stay importable by anyone
+      else afterwards (``peft`` for LoRA imports ``transformers`` as usual).
+    - ``torch._dynamo``, which ``torchvision.ops`` (imported by open_clip for
+      ``FrozenBatchNorm2d``) imports for one function of ``roi_align``:
+      :func:`_dynamo_deferred`.
+
+    With ``model_name`` None, or once open_clip is imported, this is a plain import.
     """
-    if "open_clip" in sys.modules or "transformers" in sys.modules or model_name is None or (
-        needs_transformers(model_name)
-    ):
+    if "open_clip" in sys.modules or model_name is None:
         import open_clip
 
         return open_clip
-    sys.modules["transformers"] = None  # type: ignore[assignment]  # import raises ImportError
+    hidden = [name for name, needed in _OPTIONAL_IMPORTS.items() if name not in sys.modules and not needed(model_name)]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # import raises ImportError
     try:
-        import open_clip
+        with _dynamo_deferred():
+            import open_clip
     finally:
-        del sys.modules["transformers"]
+        for name in hidden:
+            del sys.modules[name]
     return open_clip
+
+
+@contextmanager
+def _dynamo_deferred():
+    """Import what runs inside without ``torch._dynamo`` (1.3 s of open_clip's import).
+
+    ``torchvision.ops.roi_align`` does ``from torch._dynamo.utils import
+    is_compile_supported`` at import. Inside this context that name comes from
+    a stand-in module whose ``is_compile_supported`` imports the real one when
+    it is first called; the stand-ins are removed on exit, so a later
+    ``import torch._dynamo`` (``torch.compile``) imports the real package. A
+    no-op when ``torch._dynamo`` is already imported.
+    """
+    if "torch._dynamo" in sys.modules:
+        yield
+        return
+
+    def is_compile_supported(device_type):
+        from torch._dynamo.utils import is_compile_supported as real
+
+        return real(device_type)
+
+    package = types.ModuleType("torch._dynamo")
+    package.__path__ = []  # a package, so that ``torch._dynamo.utils`` resolves to the stand-in below
+    utils = types.ModuleType("torch._dynamo.utils")
+    utils.is_compile_supported = is_compile_supported
+    package.utils = utils
+    stand_ins = {"torch._dynamo": package, "torch._dynamo.utils": utils}
+    sys.modules.update(stand_ins)
+    try:
+        yield
+    finally:
+        for name, module in stand_ins.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
 
 
 def register_model_configs() -> None:
@@ -323,14 +387,17 @@ def create_clip(
     - a path to an existing file: that open_clip checkpoint (.safetensors, .pt, .bin).
     - anything else: an open_clip pretrained tag for ``model_name`` (e.g. ViT-B-32 "openai").
     """
-    open_clip = import_open_clip(model_name)
+    folder = Path(os.path.expanduser(str(pretrained or ""))) if pretrained else None
+    if folder is not None and not folder.is_dir():
+        folder = None
+    # A checkpoint folder's own config defines the model, whatever model_name says.
+    open_clip = import_open_clip(None if folder is not None else model_name)
 
     from .pretrain import ensure_embedded_checkpoint
 
     register_model_configs()
     dev = resolve_device(device)
-    folder = Path(os.path.expanduser(str(pretrained or ""))) if pretrained else None
-    if folder is not None and folder.is_dir():
+    if folder is not None:
         return _load_folder(model_name, folder, dev)
     if open_clip.get_model_config(model_name) is None:
         raise ModelLoadError(
