@@ -19,6 +19,9 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 # The app's dependencies are already in .venv: never reinstall them per run.
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES=${RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES:-1000000000}
+# Ray starts idle workers for the first driver, but Flower's actors need workers of their own
+# (runtime env): the idle ones only take CPU from the start-up.
+export RAY_prestart_worker_first_driver=${RAY_prestart_worker_first_driver:-0}
 output_dir=${OUTPUT_DIR:-$repo/outputs}
 mkdir -p "$FLWR_HOME" "$output_dir"
 if [ ! -f "$FLWR_HOME/config.toml" ]; then
@@ -51,14 +54,15 @@ flwr run "$app" --stream \
   --federation-config "num-supernodes=${NUM_SUPERNODES:-20} client-resources-num-cpus=1 client-resources-num-gpus=${CLIENT_GPUS:-0.0}" \
   --run-config "output-dir='$output_dir' $overrides" 2>&1 | grep --line-buffered -v -E "^(INFO|DEBUG):flwr:|^\s*$" | tee "$log"
 
-# `flwr run --stream` exits 0 even when the ServerApp failed: check the run's final status.
+# `flwr run --stream` exits 0 even when the ServerApp failed. The ServerApp's last line of a
+# completed run names its results file; without it, report the run's final status.
 run_id=$(sed -n 's/.*Successfully started run \([0-9]*\).*/\1/p' "$log" | tail -n 1)
 if [ -z "$run_id" ]; then
   echo "fedpurel: the run was not started (see the messages above)" >&2
   exit 1
 fi
-status=$(flwr ls --run-id "$run_id" --format json | python -c 'import json,sys; print(json.load(sys.stdin)["runs"][0]["status"])')
-if [ "$status" != "finished:completed" ] || grep -q "run stopped before training" "$log"; then
+if ! grep -q "\[fedpurel\] results: " "$log" || grep -q "run stopped before training" "$log"; then
+  status=$(flwr ls --run-id "$run_id" --format json | python -c 'import json,sys; print(json.load(sys.stdin)["runs"][0]["status"])')
   echo "fedpurel: run $run_id ended with status $status" >&2
   exit 1
 fi

@@ -88,3 +88,14 @@ def test_a_bad_config_stops_before_training_with_one_clear_message(tmp_path):
     assert "Traceback" not in text
     assert not list(out.glob("*/results.json")), "a results file was written for a refused config"
     assert flower_processes(tmp_path / "flwr-home") == []
+
+
+def test_a_run_whose_server_app_fails_exits_non_zero_with_its_status(tmp_path):
+    """No reply can arrive within 1 ms, so round 1 has no valid reply and the ServerApp raises:
+    `flwr run --stream` itself exits 0, the script must not."""
+    proc, out = run_app(tmp_path, SMALL + " round-timeout=0.001")
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    text = proc.stdout + proc.stderr
+    assert "ended with status finished:failed" in text, text[-3000:]
+    assert "results:" not in proc.stdout
+    assert flower_processes(tmp_path / "flwr-home") == []
