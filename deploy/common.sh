@@ -31,6 +31,10 @@ if [ -x "$FEDPUREL_REPO/.venv/bin/flwr" ]; then
 fi
 export PATH
 export FLWR_DISABLE_UPDATE_CHECK=1
+# A SuperNode's SuperExec looks for a new ClientApp message every second by default, so
+# every message waited 0.5 s on average before its process started; the SuperLink's does
+# the same for the ServerApp.
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
 die() { echo "fedpurel-deploy: $*" >&2; exit 1; }

@@ -40,5 +40,7 @@ RUN python /tmp/fedpurel/requirements.py /tmp/fedpurel/pyproject.toml > /tmp/fed
 #   /app/outputs  the ServerApp's results (run-config output-dir)
 RUN mkdir -p /app/state /app/data /app/cache /app/outputs && chmod 700 /app/state
 ENV FEDPUREL_CACHE=/app/cache
+# Look for a new ServerApp / ClientApp message every 0.1 s, not every second (Flower's default).
+ENV FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1
 
 ENTRYPOINT ["flower-superexec"]
