@@ -1,8 +1,10 @@
 """Deployment vs simulation: one config on a loopback deployment and in simulation, side by side.
 
 1. **ClientApp message start.** In deployment every message runs in a fresh
-   ClientApp process: it imports the app (torch, flwr, open_clip) and builds
-   the model before any work. Measured ``--starts`` times in fresh processes.
+   ClientApp process: it imports the app (torch, flwr, open_clip), builds
+   the model and, to train, creates its first optimizer (which imports
+   ``torch._dynamo``) before any work. Measured ``--starts`` times in fresh
+   processes; ``--starts-only`` stops there.
 2. **Run and round times.** ``deploy/start.sh`` starts a SuperLink and
    ``--nodes`` SuperNodes on loopback (TLS and node authentication on, random
    free ports, a temporary deploy folder), ``deploy/run.sh`` runs the config,
@@ -11,7 +13,7 @@
    SuperNodes. Wall times, and the time of every round from each run's
    ``results.json`` (the ServerApp's elapsed time when it recorded the round).
 
-    python bench/deployment.py [--nodes 3] [--starts 3] [--set key=value ...]
+    python bench/deployment.py [--nodes 3] [--starts 3] [--starts-only] [--set key=value ...]
 
 Runs the simulation on the local SuperLink of ``scripts/run.sh``
 (127.0.0.1:39091): do not run it beside another simulation.
@@ -40,8 +42,8 @@ from deploy.loopback import loopback_env, message_start_cost  # noqa: E402
 DEFAULT = ["num-rounds=3", "personal-rounds=2", "local-epochs=1", "personal-epochs=1", "client-test-size=30"]
 
 
-def message_start(repeats: int) -> list[tuple[float, float, float]]:
-    """(imports, model build, wall) of ``repeats`` fresh processes doing what a ClientApp message does first."""
+def message_start(repeats: int) -> list[tuple[float, float, float, float]]:
+    """(imports, model build, first optimizer, wall) of ``repeats`` fresh processes doing what a ClientApp message does first."""
     try:
         return [message_start_cost() for _ in range(repeats)]
     except RuntimeError as err:
@@ -87,15 +89,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--starts", type=int, default=3, help="fresh ClientApp processes to time")
+    parser.add_argument("--starts-only", action="store_true", help="time the message start only")
     parser.add_argument("--set", action="append", default=[], help="run-config key=value (added to the default)")
     args = parser.parse_args()
     overrides = " ".join(DEFAULT + args.set + [f"min-nodes={args.nodes}"])
     print(f"config: embedded default with {overrides}; {args.nodes} SuperNodes; nproc {os.cpu_count()}")
 
     starts = message_start(args.starts)
-    imports, build, wall = (statistics.median(column) for column in zip(*starts))
+    imports, build, optimizer, wall = (statistics.median(column) for column in zip(*starts))
     print(f"ClientApp message start (fresh process, median of {args.starts}): imports {imports:.1f} s, "
-          f"model build {build:.1f} s, wall {wall:.1f} s")
+          f"model build {build:.1f} s, first optimizer {optimizer:.1f} s, wall {wall:.1f} s")
+    if args.starts_only:
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         deploy_wall, deploy_results = deployment_run(overrides, args.nodes, Path(tmp) / "deploy")

@@ -20,7 +20,13 @@ the same seeds; the final GM of each is printed, with the largest per-class
 difference (FedAvg's float32 sums are not written the same way, so they may
 drift apart by rounding).
 
-    python bench/framework_overhead.py [--rounds 5,30] [--clients 20] [--set key=value ...]
+With ``--repeats N`` each Flower run and fresh-process loop runs N times,
+interleaved, and the medians are used (the Flower runs' start-up moves by a
+few seconds from run to run). Each Flower run's time outside its ServerApp's
+rounds (start-up before the first round, and the end after the last) is
+printed too: the ServerApp records when every round ended.
+
+    python bench/framework_overhead.py [--rounds 5,30] [--repeats 1] [--clients 20] [--set key=value ...]
 
 Runs on the local SuperLink of ``scripts/run.sh`` (127.0.0.1:39091). If one is
 already running (someone else's run), Flower would reuse it, the floor would not
@@ -35,6 +41,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", default="5,30")
     parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each side per length (medians)")
     parser.add_argument("--set", action="append", default=[],
                         help="run-config key=value (TOML value) on top of the default config")
     parser.add_argument("--wait", type=float, default=600.0, help="seconds to wait for a free SuperLink port")
@@ -121,9 +129,15 @@ def main() -> None:
         run = dict(base, **{"num-rounds": rounds})
         overrides = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in run.items())
         overrides = overrides.replace('"', "'")
-        with tempfile.TemporaryDirectory() as out:
-            wall_f, results = flower_run(overrides, args.clients, Path(out))
-        wall_p, fresh = loop_run(run, args.clients)
+        walls_f, walls_p, outside = [], [], []
+        for _ in range(max(1, args.repeats)):
+            with tempfile.TemporaryDirectory() as out:
+                wall, results = flower_run(overrides, args.clients, Path(out))
+            walls_f.append(wall)
+            outside.append(wall - max(r["wall_time"] for r in results["rounds"]))
+            wall, fresh = loop_run(run, args.clients)
+            walls_p.append(wall)
+        wall_f, wall_p = statistics.median(walls_f), statistics.median(walls_p)
         cfg = parse_run_config(run)
         torch.manual_seed(cfg.seed)
         start = time.perf_counter()
@@ -136,6 +150,11 @@ def main() -> None:
         print(f"{rounds:>3d} rounds: flower {wall_f:6.1f} s | plain loop, fresh process {wall_p:6.1f} s "
               f"(ratio {wall_f / wall_p:.2f}x, overhead {100 * (wall_f / wall_p - 1):.0f}%) | plain loop, warm "
               f"{wall_l:6.1f} s (ratio {wall_f / wall_l:.2f}x)", flush=True)
+        if len(walls_f) > 1:
+            print(f"    runs: flower {' '.join(f'{w:.1f}' for w in walls_f)} s | plain loop, fresh process "
+                  f"{' '.join(f'{w:.1f}' for w in walls_p)} s")
+        print(f"    flower outside the ServerApp's rounds (start-up and end): "
+              f"{' '.join(f'{w:.1f}' for w in outside)} s")
         print("    final GM  flower    : " + " ".join(f"{k} {gm_f[k]:.3f}" for k in KEYS))
         print("    final GM  plain loop: " + " ".join(f"{k} {loop['gm'][k]:.3f}" for k in KEYS))
         diff = max(

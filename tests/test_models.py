@@ -355,6 +355,20 @@ def test_open_clip_is_imported_without_dynamo_and_timm_for_a_plain_clip_and_both
     assert lines["timm-after"] == "True"
 
 
+def test_a_module_wanting_more_of_dynamo_than_the_stand_in_is_imported_with_the_real_one(tmp_path):
+    (tmp_path / "wants_dynamo.py").write_text("from torch._dynamo.utils import counters\n")
+    lines = _fresh_python(
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from fedpurel_app.models.factory import _import_deferring_dynamo\n"
+        "module = _import_deferring_dynamo('wants_dynamo')\n"
+        "print('real', type(module.counters).__name__, type(sys.modules['torch._dynamo']).__name__)\n"
+        "import torch._dynamo\n"
+        "print('compile', hasattr(torch._dynamo, 'optimize'))\n"
+    )
+    assert lines["real"] == "defaultdict module"
+    assert lines["compile"] == "True"
+
+
 def test_a_timm_model_gets_timm_and_dynamo_stays_real_when_already_imported():
     lines = _fresh_python(
         "import sys, torch, torch._dynamo\n"

@@ -119,7 +119,10 @@ def import_open_clip(model_name: str | None = None):
       else afterwards (``peft`` for LoRA imports ``transformers`` as usual).
     - ``torch._dynamo``, which ``torchvision.ops`` (imported by open_clip for
       ``FrozenBatchNorm2d``) imports for one function of ``roi_align``:
-      :func:`_dynamo_deferred`.
+      :func:`_dynamo_deferred`. A process that trains imports it anyway when
+      it creates its first ``torch.optim`` optimizer (``add_param_group`` is
+      wrapped by ``torch._disable_dynamo``); one that only evaluates (the
+      server, an evaluation message) never does.
 
     With ``model_name`` None, or once open_clip is imported, this is a plain import.
     """
@@ -131,12 +134,20 @@ def import_open_clip(model_name: str | None = None):
     for name in hidden:
         sys.modules[name] = None  # type: ignore[assignment]  # import raises ImportError
     try:
-        with _dynamo_deferred():
-            import open_clip
+        return _import_deferring_dynamo("open_clip")
     finally:
         for name in hidden:
             del sys.modules[name]
-    return open_clip
+
+
+def _import_deferring_dynamo(module: str):
+    """Import ``module`` inside :func:`_dynamo_deferred`; should it want more of ``torch._dynamo``
+    than the stand-in has (another torchvision version), import it again with the real one."""
+    try:
+        with _dynamo_deferred():
+            return importlib.import_module(module)
+    except ImportError:
+        return importlib.import_module(module)
 
 
 @contextmanager
