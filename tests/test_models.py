@@ -292,27 +292,17 @@ def test_resolve_device():
 
 
 @pytest.mark.parametrize(
-    "name, needed",
-    [("fedpurel-tiny", False), ("ViT-B-16", False), ("ViT-B-32", False), ("roberta-ViT-B-32", True),
-     ("xlm-roberta-base-ViT-B-32", True), ("coca_ViT-B-32", True), ("hf-hub:timm/ViT-B-16-SigLIP", True),
-     ("no-such-model", True)],
+    "name, transformers, timm",
+    [("fedpurel-tiny", False, False), ("ViT-B-16", False, False), ("ViT-B-32", False, False),
+     ("roberta-ViT-B-32", True, False), ("xlm-roberta-base-ViT-B-32", True, False), ("coca_ViT-B-32", True, False),
+     ("EVA02-B-16", False, True), ("ViT-B-16-SigLIP", False, True), ("PE-Core-T-16-384", False, True),
+     ("hf-hub:timm/ViT-B-16-SigLIP", True, True), ("no-such-model", True, True)],
 )
-def test_needs_transformers_reads_the_model_configs(name, needed):
-    from fedpurel_app.models.factory import needs_transformers
+def test_optional_imports_are_read_from_the_model_configs(name, transformers, timm):
+    from fedpurel_app.models.factory import needs_timm, needs_transformers
 
-    assert needs_transformers(name) is needed
-
-
-@pytest.mark.parametrize(
-    "name, needed",
-    [("fedpurel-tiny", False), ("ViT-B-16", False), ("roberta-ViT-B-32", False), ("EVA02-B-16", True),
-     ("ViT-B-16-SigLIP", True), ("PE-Core-T-16-384", True), ("hf-hub:timm/ViT-B-16-SigLIP", True),
-     ("no-such-model", True)],
-)
-def test_needs_timm_reads_the_model_configs(name, needed):
-    from fedpurel_app.models.factory import needs_timm
-
-    assert needs_timm(name) is needed
+    assert needs_transformers(name) is transformers
+    assert needs_timm(name) is timm
 
 
 def _fresh_python(code: str) -> dict[str, str]:
@@ -347,12 +337,8 @@ def test_open_clip_is_imported_without_dynamo_and_timm_for_a_plain_clip_and_both
         "import timm\n"
         "print('timm-after', hasattr(timm, 'create_model'))\n"
     )
-    assert lines["dynamo"] == "False"
-    assert lines["timm"] == "False True"
-    assert lines["supported"] == "True True"
-    assert lines["roi"] == "(1, 2, 2, 2)"
-    assert lines["compiled"] == "[2.0, 2.0, 2.0]"
-    assert lines["timm-after"] == "True"
+    assert lines == {"dynamo": "False", "timm": "False True", "supported": "True True", "roi": "(1, 2, 2, 2)",
+                     "compiled": "[2.0, 2.0, 2.0]", "timm-after": "True"}
 
 
 def test_a_module_wanting_more_of_dynamo_than_the_stand_in_is_imported_with_the_real_one(tmp_path):
@@ -365,8 +351,7 @@ def test_a_module_wanting_more_of_dynamo_than_the_stand_in_is_imported_with_the_
         "import torch._dynamo\n"
         "print('compile', hasattr(torch._dynamo, 'optimize'))\n"
     )
-    assert lines["real"] == "defaultdict module"
-    assert lines["compile"] == "True"
+    assert lines == {"real": "defaultdict module", "compile": "True"}
 
 
 def test_a_timm_model_gets_timm_and_dynamo_stays_real_when_already_imported():
@@ -379,18 +364,13 @@ def test_a_timm_model_gets_timm_and_dynamo_stays_real_when_already_imported():
         "print('built', type(model.visual).__name__)\n"
         "print('dynamo', sys.modules['torchvision.ops.roi_align'].is_compile_supported.__module__)\n"
     )
-    assert lines["timm"] == "True"
-    assert lines["built"] == "TimmModel"
-    assert lines["dynamo"] == "torch._dynamo.utils"
+    assert lines == {"timm": "True", "built": "TimmModel", "dynamo": "torch._dynamo.utils"}
 
 
 def test_a_plain_clip_is_built_without_importing_transformers_and_lora_still_works():
     """A fresh process (a ClientApp message in deployment) builds the default model without
     transformers' import; peft (LoRA) imports it afterwards as usual."""
-    import subprocess
-    import sys
-
-    code = (
+    lines = _fresh_python(
         "import sys\n"
         "from fedpurel_app import task\n"
         "from fedpurel_app.config import parse_run_config\n"
@@ -399,11 +379,6 @@ def test_a_plain_clip_is_built_without_importing_transformers_and_lora_still_wor
         "peft = task.build_model(parse_run_config({'peft': 'lora'}))\n"
         "print('after-lora', 'transformers' in sys.modules, len(peft.global_state()))\n"
     )
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith("after-"))
     assert lines["after-prompt"] == "False"
     imported, tensors = lines["after-lora"].split()
     assert imported == "True" and int(tensors) > 0
