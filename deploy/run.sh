@@ -22,7 +22,8 @@ trap 'rm -rf "$log" "$stage"' EXIT
 
 # A copy of the app's own files: `flwr run .` would list .venv's too (5 s); same FAB.
 app=$(python scripts/stage_app.py "$stage/app")
-flwr run "$app" "$CONNECTION" --stream --run-config "output-dir='$output_dir' ${1:-}" 2>&1 \
+# Unbuffered: the log goes through a pipe, and each round's line should show when it is logged.
+PYTHONUNBUFFERED=1 flwr run "$app" "$CONNECTION" --stream --run-config "output-dir='$output_dir' ${1:-}" 2>&1 \
   | grep --line-buffered -v -E "^(INFO|DEBUG):flwr:|^\s*$" | tee "$log"
 
 run_id=$(sed -n 's/.*Successfully started run \([0-9]*\).*/\1/p' "$log" | tail -n 1)

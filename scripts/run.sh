@@ -50,7 +50,8 @@ trap cleanup EXIT
 overrides=$(python scripts/overrides.py "$@")
 
 app=$(python scripts/stage_app.py "$stage/app")
-flwr run "$app" --stream \
+# Unbuffered: the log goes through a pipe, and each round's line should show when it is logged.
+PYTHONUNBUFFERED=1 flwr run "$app" --stream \
   --federation-config "num-supernodes=${NUM_SUPERNODES:-20} client-resources-num-cpus=1 client-resources-num-gpus=${CLIENT_GPUS:-0.0}" \
   --run-config "output-dir='$output_dir' $overrides" 2>&1 | grep --line-buffered -v -E "^(INFO|DEBUG):flwr:|^\s*$" | tee "$log"
 

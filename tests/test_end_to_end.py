@@ -99,3 +99,31 @@ def test_a_run_whose_server_app_fails_exits_non_zero_with_its_status(tmp_path):
     assert "ended with status finished:failed" in text, text[-3000:]
     assert "results:" not in proc.stdout
     assert flower_processes(tmp_path / "flwr-home") == []
+
+
+def test_progress_lines_show_as_they_are_logged_whatever_the_environment(tmp_path):
+    """Each round's line reaches the terminal when it is logged, not in a block with later ones,
+    also where PYTHONUNBUFFERED is not set (the log goes through a pipe): the lines of rounds 1
+    and 3 arrive about as far apart as the ServerApp's own clock says they were logged."""
+    import time
+
+    env = {
+        **os.environ,
+        "NUM_SUPERNODES": "4",
+        "OUTPUT_DIR": str(tmp_path / "outputs"),
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": "300000000",
+    }
+    env.pop("PYTHONUNBUFFERED", None)
+    proc = subprocess.Popen(["bash", "scripts/run.sh", SMALL + " local-epochs=25 personal-epochs=25"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    arrived, logged, lines = {}, {}, []
+    for line in proc.stdout:
+        lines.append(line)
+        if match := re.search(r"\[fedpurel\] round (\d)/3 .*\| *(\d+\.\d)s", line):
+            arrived[match[1]], logged[match[1]] = time.monotonic(), float(match[2])
+    assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
+    assert set(arrived) == {"1", "2", "3"}, "".join(lines)[-3000:]
+    apart = logged["3"] - logged["1"]
+    assert apart >= 2.0, f"rounds 2-3 took {apart} s: too short to tell"
+    assert arrived["3"] - arrived["1"] > 0.5 * apart
