@@ -11,16 +11,43 @@ import sys
 import tomllib
 
 PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
+TOKEN = re.compile(r"\S+?=(?:'[^']*'|\"[^\"]*\"|\S+)|\S+")
+
+
+class OverrideError(ValueError):
+    """An argument that is neither a readable .toml preset nor key=value pairs; says what to do."""
 
 
 def merge(args: list[str]) -> dict:
+    """Presets and key=value strings in order into one dict: a later value of a key wins, also
+    within one string. Raises OverrideError for a missing or invalid preset, a value that is
+    not TOML, or a word that is not key=value."""
     pairs: dict = {}
     for arg in args:
         if arg.endswith(".toml"):
-            with open(arg, "rb") as handle:
-                pairs.update(tomllib.load(handle))
-        else:
-            pairs.update(tomllib.loads("\n".join(f"{k} = {v}" for k, v in PAIR.findall(arg))))
+            try:
+                with open(arg, "rb") as handle:
+                    pairs.update(tomllib.load(handle))
+            except OSError as err:
+                raise OverrideError(f"cannot read the preset {arg}: {err.strerror}") from None
+            except tomllib.TOMLDecodeError as err:
+                raise OverrideError(f"the preset {arg} is not valid TOML: {err}") from None
+            continue
+        for token in TOKEN.findall(arg):
+            match = PAIR.fullmatch(token)
+            if match is None:
+                raise OverrideError(
+                    f"'{token}' is neither key=value nor a .toml preset "
+                    "(e.g. \"seed=1 method='promptfl'\", or configs/<preset>.toml)"
+                )
+            key, value = match.groups()
+            try:
+                pairs.update(tomllib.loads(f"{key} = {value}"))
+            except tomllib.TOMLDecodeError:
+                raise OverrideError(
+                    f"'{token}': the value is not a TOML value (numbers and true/false as they are, "
+                    f"text in quotes: {key}='...')"
+                ) from None
     return pairs
 
 
@@ -34,4 +61,7 @@ def to_run_config(pairs: dict) -> str:
 
 
 if __name__ == "__main__":
-    print(to_run_config(merge(sys.argv[1:])))
+    try:
+        print(to_run_config(merge(sys.argv[1:])))
+    except OverrideError as err:
+        sys.exit(f"fedpurel: {err}")

@@ -43,3 +43,31 @@ def test_overrides_merge_a_preset_with_later_pairs_winning(tmp_path):
     text = overrides.to_run_config(merged)
     assert "ctx-init='a photo of a'" in text and "all-clients-first-round=true" in text
     assert overrides.merge([text]) == merged, "the string flwr receives parses back to the same values"
+
+
+def test_a_later_value_wins_also_within_one_string():
+    assert overrides.merge(["seed=1 lr=0.5 seed=2"]) == {"seed": 2, "lr": 0.5}
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [("lr=abc", "'lr=abc': the value is not a TOML value"),
+     ("seed", "'seed' is neither key=value nor a .toml preset"),
+     ("seed=1 oops", "'oops' is neither key=value nor a .toml preset"),
+     ("configs/no-such-preset.toml", "cannot read the preset configs/no-such-preset.toml")],
+)
+def test_a_bad_override_is_one_clear_message_without_a_traceback(arg, message):
+    import subprocess
+
+    with pytest.raises(overrides.OverrideError, match=message.replace("(", r"\(")):
+        overrides.merge([arg])
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "overrides.py"), arg], capture_output=True, text=True)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.startswith("fedpurel: ") and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_an_invalid_preset_file_is_named(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr = = 1\n")
+    with pytest.raises(overrides.OverrideError, match=f"the preset {bad} is not valid TOML"):
+        overrides.merge([str(bad)])
