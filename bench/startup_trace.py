@@ -7,7 +7,7 @@ appends to one event file: its start and exit, the end of its imports of flwr,
 torch, open_clip, the ServerApp and the ClientApp, and its loading of the CLIP
 (``task.load_clip``; open_clip's import included when it comes first). Then prints the events in time order, from the command's start.
 
-    python bench/startup_trace.py ["key=value overrides"] [--all] [--deployment NODES]
+    python bench/startup_trace.py ["key=value overrides"] [--clients 20] [--all] [--deployment NODES]
 
 ``--all`` prints Ray's helper processes' events too.
 ``--deployment NODES`` traces a loopback deployment instead (``deploy/start.sh``
@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from deployment import deployment_run  # noqa: E402
+from framework_overhead import flower_run  # noqa: E402
 
 WATCHED = ("flwr", "torch", "open_clip", "server_app.app", "client_app.app")
 
@@ -100,6 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="?", default="", help="run-config overrides")
     parser.add_argument("--all", action="store_true", help="also Ray's helper processes' events")
+    parser.add_argument("--clients", type=int, default=20, help="SuperNodes of the simulation (NUM_SUPERNODES)")
     parser.add_argument("--deployment", type=int, metavar="NODES", help="trace a loopback deployment instead")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,20 +113,12 @@ def main() -> None:
         os.environ.update(PYTHONPATH=path, FEDPUREL_TRACE=str(events))
         start = time.time()
         if args.deployment:
-            sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-            from deployment import deployment_run
-
             overrides = f"{args.overrides} min-nodes={args.deployment}".strip()
             what = f"loopback deployment of {args.deployment} SuperNodes, {overrides!r}"
             deployment_run(overrides, args.deployment, Path(tmp) / "deploy")
         else:
-            what = f"scripts/run.sh {args.overrides!r}"
-            proc = subprocess.run(["bash", "scripts/run.sh", args.overrides], cwd=ROOT,
-                                  env=dict(os.environ, OUTPUT_DIR=str(Path(tmp) / "outputs")),
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"scripts/run.sh failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                                 f"{proc.stderr[-3000:]}")
+            what = f"scripts/run.sh {args.overrides!r}, {args.clients} SuperNodes"
+            flower_run(args.overrides, args.clients, Path(tmp) / "outputs")
         end = time.time()
         lines = [line.split("\t") for line in events.read_text().splitlines()] if events.exists() else []
     print(f"{what}: {end - start:.1f} s; nproc {os.cpu_count()}")

@@ -10,8 +10,8 @@ import re
 import sys
 import tomllib
 
-PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
-TOKEN = re.compile(r"\S+?=(?:'[^']*'|\"[^\"]*\"|\S+)|\S+")
+# A key=value pair (the value may be quoted and hold spaces), or any other word (an error).
+TOKEN = re.compile(r"(?P<key>\S+?)=(?P<value>'[^']*'|\"[^\"]*\"|\S+)|(?P<word>\S+)")
 
 
 class OverrideError(ValueError):
@@ -33,14 +33,13 @@ def merge(args: list[str]) -> dict:
             except tomllib.TOMLDecodeError as err:
                 raise OverrideError(f"the preset {arg} is not valid TOML: {err}") from None
             continue
-        for token in TOKEN.findall(arg):
-            match = PAIR.fullmatch(token)
-            if match is None:
+        for match in TOKEN.finditer(arg):
+            token, key, value = match[0], match["key"], match["value"]
+            if key is None:
                 raise OverrideError(
                     f"'{token}' is neither key=value nor a .toml preset "
                     "(e.g. \"seed=1 method='promptfl'\", or configs/<preset>.toml)"
                 )
-            key, value = match.groups()
             try:
                 pairs.update(tomllib.loads(f"{key} = {value}"))
             except tomllib.TOMLDecodeError:

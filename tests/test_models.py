@@ -354,6 +354,22 @@ def test_a_module_wanting_more_of_dynamo_than_the_stand_in_is_imported_with_the_
     assert lines == {"real": "defaultdict module", "compile": "True"}
 
 
+def test_a_checkpoint_folder_imports_open_clip_in_full_whatever_model_name_says(tmp_path):
+    """The folder's own config defines the model (it may need timm or transformers), so the
+    model name given beside it must not decide what open_clip is imported without."""
+    (tmp_path / "open_clip_config.json").write_text("{}")
+    lines = _fresh_python(
+        "import sys\n"
+        "from fedpurel_app.models.factory import ModelLoadError, create_clip\n"
+        "try:\n"
+        f"    create_clip('fedpurel-tiny', {str(tmp_path)!r}, device='cpu')\n"
+        "except ModelLoadError as err:\n"
+        "    print('refused', 'no open_clip_model.safetensors' in str(err))\n"
+        "print('timm', sys.modules['open_clip'].timm_model.timm is not None)\n"
+    )
+    assert lines == {"refused": "True", "timm": "True"}
+
+
 def test_a_timm_model_gets_timm_and_dynamo_stays_real_when_already_imported():
     lines = _fresh_python(
         "import sys, torch, torch._dynamo\n"
