@@ -74,25 +74,52 @@ def encode_images(clip: "Clip", split: Any, batch_size: int = 256) -> torch.Tens
     return torch.cat(chunks)
 
 
-@torch.no_grad()
+def _templates(template: str | Sequence[str]) -> tuple[str, ...]:
+    """``template`` (one string or a sequence of them) as a checked tuple of templates."""
+    templates = (template,) if isinstance(template, str) else tuple(template)
+    if not templates:
+        raise ValueError("no template given: use one string or a sequence of strings with '{}'")
+    for t in templates:
+        if not isinstance(t, str) or "{}" not in t:
+            raise ValueError(f"template must contain '{{}}' for the class name, got {t!r}")
+    return templates
+
+
 def zero_shot_text_features(
-    clip: "Clip", classnames: Sequence[str], template: str = "a photo of a {}."
+    clip: "Clip",
+    classnames: Sequence[str],
+    template: str | Sequence[str] = "a photo of a {}.",
+    classes_per_batch: int | None = None,
 ) -> torch.Tensor:
-    """L2-normalised text features [C, D] (float32, CPU) of ``template.format(classname)``."""
-    if "{}" not in template:
-        raise ValueError(f"template must contain '{{}}' for the class name, got {template!r}")
+    """L2-normalised zero-shot classifier [C, D] (float32, CPU), from open_clip's
+    ``build_zero_shot_classifier``: per class, the mean of the normalised text features of
+    ``t.format(classname)`` over the templates ``t`` (one string or a sequence of them),
+    normalised again. With one template, that is ``encode_text(..., normalize=True)``
+    normalised a second time: not bitwise equal to it (max abs difference 3e-8 to 6e-8 measured
+    on the tiny model and on ViT-B-32).
+
+    ``classes_per_batch`` classes go through the text encoder at once (all of them if None);
+    give a number for large template ensembles. Not cached: :meth:`Clip.zero_shot_text` is.
+    """
+    import open_clip
+
+    templates = _templates(template)
+    classnames = list(classnames)
     if len(classnames) == 0:
         raise ValueError("classnames is empty")
+    if classes_per_batch is not None and classes_per_batch < 1:
+        raise ValueError(f"classes_per_batch must be >= 1 or None, got {classes_per_batch}")
     model = clip.model
-    device = _model_device(model)
-    tokens = clip.tokenizer([template.format(c) for c in classnames]).to(device)
     was_training = model.training
     model.eval()
     try:
-        feats = model.encode_text(tokens, normalize=True)
+        weights = open_clip.build_zero_shot_classifier(
+            model, clip.tokenizer, classnames, templates,
+            num_classes_per_batch=classes_per_batch, device=_model_device(model),
+        )  # [D, C], built under torch.no_grad()
     finally:
         model.train(was_training)
-    return feats.float().cpu()
+    return weights.T.float().cpu().contiguous()
 
 
 def zero_shot_logits(
