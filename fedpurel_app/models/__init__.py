@@ -1,11 +1,11 @@
 """CLIP backbones: open_clip loading by name / tag / file, and the embedded tiny CLIP."""
 
+from ..errors import ModelLoadError  # re-exported: fedpurel_app.models.ModelLoadError still works
 from .factory import (
     CONFIG_DIR,
     DEFAULT_MODEL,
     EMBEDDED,
     Clip,
-    ModelLoadError,
     create_clip,
     register_model_configs,
     resolve_device,
