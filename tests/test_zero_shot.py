@@ -1,5 +1,5 @@
 """Zero-shot text classifiers: open_clip's build_zero_shot_classifier behind
-features.zero_shot_text_features, and template ensembles."""
+features.zero_shot_text_features, template ensembles, and the per-Clip cache."""
 
 import dataclasses
 
@@ -61,3 +61,30 @@ def test_the_model_keeps_its_training_mode(clip):
         assert clip.model.training
     finally:
         clip.model.eval()
+
+
+def test_clip_computes_zero_shot_text_once_per_classnames_and_template(clip, monkeypatch):
+    calls = []
+    encode = clip.model.encode_text
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(clip.model, "encode_text", counted)
+    first = clip.zero_shot_text(list(NAMES), TEMPLATES[0])
+    assert len(calls) == 1
+    assert clip.zero_shot_text(NAMES, TEMPLATES[0]) is first  # a list or a tuple of the same names
+    assert clip.zero_shot_text(NAMES, [TEMPLATES[0]]) is first  # one template, alone or in a list
+    assert len(calls) == 1
+    torch.testing.assert_close(first, zero_shot_text_features(clip, NAMES, TEMPLATES[0]))
+    calls.clear()
+
+    ensemble = clip.zero_shot_text(NAMES, TEMPLATES)
+    other_names = clip.zero_shot_text(NAMES[:2], TEMPLATES[0])
+    assert len(calls) == 2 and ensemble is not first and other_names.shape == (2, 64)
+    assert clip.zero_shot_text(NAMES, list(TEMPLATES)) is ensemble and len(calls) == 2
+
+    copy = dataclasses.replace(clip)  # another Clip object: its own, empty cache
+    assert copy.zero_shot_text(NAMES, TEMPLATES[0]) is not first and len(calls) == 3
+    assert clip == copy and "_zero_shot" not in repr(clip)

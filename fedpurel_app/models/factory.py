@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from urllib.error import URLError
 
 import torch
@@ -33,6 +33,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_MODEL = "fedpurel-tiny"
 EMBEDDED = "embedded"
 DEFAULT_PRETRAIN_DATASET = "mnist"
+DEFAULT_TEMPLATE = "a photo of a {}."
 
 _registered = False
 _register_lock = threading.Lock()
@@ -49,6 +50,23 @@ class Clip:
     checkpoint: str  # file path, or the open_clip pretrained tag
     device: torch.device
     logit_scale: float  # exp(model.logit_scale)
+    # zero-shot text features by (classnames, templates); dataclasses.replace gives an empty one
+    _zero_shot: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def zero_shot_text(
+        self, classnames: Sequence[str], template: str | Sequence[str] = DEFAULT_TEMPLATE
+    ) -> torch.Tensor:
+        """:func:`~fedpurel_app.models.features.zero_shot_text_features` of this model, computed
+        once per (classnames, template) and kept on this object (the model is frozen).
+
+        The same tensor is returned on every call: do not modify it in place.
+        """
+        from .features import _templates, zero_shot_text_features
+
+        key = (tuple(classnames), _templates(template))
+        if key not in self._zero_shot:
+            self._zero_shot[key] = zero_shot_text_features(self, key[0], key[1])
+        return self._zero_shot[key]
 
 
 def import_open_clip(model_name: str | None = None):
