@@ -173,7 +173,8 @@ def _download_failure(e: BaseException) -> str | None:
         return "HF_HUB_OFFLINE is set"
     for x in chain:
         if isinstance(x, LocalEntryNotFoundError):
-            return "no connection to the Hugging Face Hub"
+            # reached after huggingface_hub's retries (~45-50 s offline): say how to skip them
+            return "no connection to the Hugging Face Hub; HF_HUB_OFFLINE=1 makes this fail at once"
         if isinstance(x, (HfHubHTTPError, URLError, ConnectionError, TimeoutError)):
             return _short(x)
     return None
@@ -241,8 +242,9 @@ def create_clip(
     - a path to a folder in open_clip's layout (``open_clip_config.json`` and
       ``open_clip_model.safetensors``): its config defines the model, whatever ``model_name`` says.
     - anything else: an open_clip pretrained tag for ``model_name`` (e.g. ViT-B-32 "openai").
-      Offline (HF_HUB_OFFLINE=1, or no network) and not cached, this raises a ModelLoadError
-      saying so and how to point ``pretrained`` at a local file.
+      Offline and not cached, this raises a ModelLoadError saying so and how to point
+      ``pretrained`` at a local file: at once with HF_HUB_OFFLINE=1, after huggingface_hub's
+      retries (~50 s measured) without it.
     """
     dev = resolve_device(device)
     folder = Path(os.path.expanduser(str(pretrained))) if pretrained else None
