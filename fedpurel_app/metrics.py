@@ -1,10 +1,14 @@
-"""Evaluation metrics, METHOD.md "Metrics" and "Data protocol".
+"""Evaluation metrics (docs/METHOD.md "Metrics").
 
 * GM (global model on the balanced global test set): overall accuracy,
   Many / Medium / Few group accuracies, per-class accuracies, balancedness.
 * PM (personalized models on client test sets): unweighted mean of client
   accuracies (reference), sample-weighted mean, and the group metrics on the
   predictions pooled over clients.
+
+Everything is computed from per-class counts (:func:`class_counts`: correct
+predictions and samples of every class), which is all a client sends: no
+per-sample label or prediction leaves it.
 
 Groups are defined by the global long-tailed train count of each class:
 Many ``n > many_threshold``, Medium ``few_threshold < n <= many_threshold``,
@@ -24,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["per_class_accuracy", "class_groups", "gm_summary", "pm_summary"]
+__all__ = ["class_counts", "class_groups", "gm_summary", "per_class_accuracy", "pm_summary", "summary_from_counts"]
 
 GROUP_NAMES: tuple[str, ...] = ("many", "medium", "few")
 
@@ -47,17 +51,8 @@ def _opt_float(x: Any) -> Optional[float]:
     return None if np.isnan(x) else x
 
 
-def per_class_accuracy(preds: Any, labels: Any, num_classes: int) -> np.ndarray:
-    """Per-class accuracy ``acc_c = #{i: y_i = c, pred_i = c} / #{i: y_i = c}``.
-
-    Args:
-        preds: ``[N]`` predicted class indices.
-        labels: ``[N]`` true class indices in ``[0, num_classes)``.
-        num_classes: C.
-
-    Returns:
-        ``[C]`` float64 array, NaN for classes with no test samples.
-    """
+def class_counts(preds: Any, labels: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(correct, total)``, int64 ``[C]``: correct_c = #{i: y_i = c = pred_i}, total_c = #{i: y_i = c}."""
     preds = _as_1d_int(preds, "preds")
     labels = _as_1d_int(labels, "labels")
     if preds.shape != labels.shape:
@@ -66,12 +61,22 @@ def per_class_accuracy(preds: Any, labels: Any, num_classes: int) -> np.ndarray:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes})")
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    correct = np.bincount(labels[preds == labels], minlength=num_classes).astype(np.float64)
-    acc = np.full(num_classes, np.nan, dtype=np.float64)
-    has = counts > 0
-    acc[has] = correct[has] / counts[has]
+    total = np.bincount(labels, minlength=num_classes).astype(np.int64)
+    correct = np.bincount(labels[preds == labels], minlength=num_classes).astype(np.int64)
+    return correct, total
+
+
+def _accuracy(correct: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """acc_c = correct_c / total_c, NaN for classes without samples."""
+    acc = np.full(total.shape, np.nan, dtype=np.float64)
+    has = total > 0
+    acc[has] = correct[has].astype(np.float64) / total[has].astype(np.float64)
     return acc
+
+
+def per_class_accuracy(preds: Any, labels: Any, num_classes: int) -> np.ndarray:
+    """Per-class accuracy ``acc_c = #{i: y_i = c, pred_i = c} / #{i: y_i = c}`` ([C], NaN without samples)."""
+    return _accuracy(*class_counts(preds, labels, num_classes))
 
 
 def class_groups(
@@ -97,23 +102,25 @@ def class_groups(
     }
 
 
-def _summary(
-    preds: np.ndarray,
-    labels: np.ndarray,
-    train_counts: Any,
-    many_threshold: float,
-    few_threshold: float,
+def summary_from_counts(
+    correct: Any, total: Any, train_counts: Any, many_threshold: float = 100, few_threshold: float = 20
 ) -> dict[str, Any]:
-    """Shared GM / pooled-PM logic: overall, group, worst-class metrics."""
+    """GM-style metrics of one test set from its per-class counts.
+
+    Keys: ``all`` (sum correct / sum total), ``many`` / ``medium`` / ``few`` (mean per-class
+    accuracy within the group, zero-accuracy classes included, classes without test samples
+    excluded, ``None`` for an empty group), ``balancedness`` (min per-class accuracy),
+    ``per_class_std``, ``per_class`` (list, ``None`` for classes without test samples).
+    """
+    correct = np.asarray(correct, dtype=np.int64).reshape(-1)
+    total = np.asarray(total, dtype=np.int64).reshape(-1)
     counts = np.asarray(train_counts).reshape(-1)
-    num_classes = int(counts.shape[0])
-    acc = per_class_accuracy(preds, labels, num_classes)
-    labels = _as_1d_int(labels, "labels")
-    preds = _as_1d_int(preds, "preds")
+    if not correct.shape == total.shape == counts.shape:
+        raise ValueError(f"counts of {correct.shape[0]}, {total.shape[0]} and {counts.shape[0]} classes")
+    acc = _accuracy(correct, total)
     valid = ~np.isnan(acc)
-    out: dict[str, Any] = {
-        "all": float(np.mean(preds == labels)) if labels.size else None,
-    }
+    n = int(total.sum())
+    out: dict[str, Any] = {"all": int(correct.sum()) / n if n else None}
     for name, idx in class_groups(counts, many_threshold, few_threshold).items():
         group_acc = acc[idx][valid[idx]]
         out[name] = float(group_acc.mean()) if group_acc.size else None
@@ -124,71 +131,46 @@ def _summary(
 
 
 def gm_summary(
-    preds: Any,
-    labels: Any,
-    train_counts: Any,
-    many_threshold: float = 100,
-    few_threshold: float = 20,
+    preds: Any, labels: Any, train_counts: Any, many_threshold: float = 100, few_threshold: float = 20
 ) -> dict[str, Any]:
-    """Global-model metrics on one test set.
-
-    Keys: ``all`` (accuracy over all test samples), ``many`` / ``medium`` /
-    ``few`` (mean per-class accuracy within the group, zero-accuracy classes
-    included, classes without test samples excluded, ``None`` for an empty
-    group), ``balancedness`` (min per-class accuracy), ``per_class_std``,
-    ``per_class`` (list, ``None`` for classes without test samples).
+    """Global-model metrics on one test set (:func:`summary_from_counts` of its predictions).
 
     Args:
         preds, labels: ``[N]`` class indices.
-        train_counts: ``[C]`` global long-tailed train count per class (also
-            defines C).
+        train_counts: ``[C]`` global long-tailed train count per class (also defines C).
     """
-    return _summary(preds, labels, train_counts, many_threshold, few_threshold)
+    num_classes = int(np.asarray(train_counts).reshape(-1).shape[0])
+    return summary_from_counts(*class_counts(preds, labels, num_classes), train_counts, many_threshold, few_threshold)
 
 
 def pm_summary(
-    client_preds: Sequence[Any],
-    client_labels: Sequence[Any],
-    train_counts: Any,
-    many_threshold: float = 100,
-    few_threshold: float = 20,
+    clients: Sequence[tuple[Any, Any]], train_counts: Any, many_threshold: float = 100, few_threshold: float = 20
 ) -> dict[str, Any]:
-    """Personalized-model metrics over clients.
+    """Personalized-model metrics over clients, from each client's per-class ``(correct, total)``.
 
     * ``all``: unweighted mean over clients of ``acc_k`` (reference), clients
       with no test samples skipped (``None`` if none has samples);
     * ``all_weighted``: ``sum_k correct_k / sum_k n_k``;
     * ``many`` / ``medium`` / ``few`` / ``balancedness`` / ``per_class_std`` /
-      ``per_class``: as in :func:`gm_summary` on predictions pooled over clients;
+      ``per_class``: as in :func:`summary_from_counts` on the counts summed over clients;
     * ``per_client``: list of client accuracies (``None`` for empty clients);
     * ``num_clients``: number of clients passed in.
     """
-    if len(client_preds) != len(client_labels):
-        raise ValueError(
-            f"client_preds and client_labels differ in length: {len(client_preds)} vs {len(client_labels)}"
-        )
-    preds_list = [_as_1d_int(p, "preds") for p in client_preds]
-    labels_list = [_as_1d_int(y, "labels") for y in client_labels]
+    num_classes = int(np.asarray(train_counts).reshape(-1).shape[0])
+    pooled_correct = np.zeros(num_classes, dtype=np.int64)
+    pooled_total = np.zeros(num_classes, dtype=np.int64)
     per_client: list[Optional[float]] = []
-    correct_total, n_total = 0, 0
-    for p, y in zip(preds_list, labels_list):
-        if p.shape != y.shape:
-            raise ValueError(f"client preds and labels differ in length: {p.shape[0]} vs {y.shape[0]}")
-        n = int(y.size)
-        correct = int(np.sum(p == y))
-        per_client.append(correct / n if n else None)
-        correct_total += correct
-        n_total += n
+    for correct, total in clients:
+        correct, total = np.asarray(correct, dtype=np.int64), np.asarray(total, dtype=np.int64)
+        if correct.shape != (num_classes,) or total.shape != (num_classes,):
+            raise ValueError(f"a client's counts are not of {num_classes} classes")
+        n = int(total.sum())
+        per_client.append(int(correct.sum()) / n if n else None)
+        pooled_correct += correct
+        pooled_total += total
     evaluated = [a for a in per_client if a is not None]
-
-    pooled_preds = np.concatenate(preds_list) if preds_list else np.zeros(0, dtype=np.int64)
-    pooled_labels = np.concatenate(labels_list) if labels_list else np.zeros(0, dtype=np.int64)
-    pooled = _summary(pooled_preds, pooled_labels, train_counts, many_threshold, few_threshold)
-
-    out: dict[str, Any] = {
-        "all": float(np.mean(evaluated)) if evaluated else None,
-        "all_weighted": correct_total / n_total if n_total else None,
-    }
+    pooled = summary_from_counts(pooled_correct, pooled_total, train_counts, many_threshold, few_threshold)
+    out: dict[str, Any] = {"all": float(np.mean(evaluated)) if evaluated else None, "all_weighted": pooled["all"]}
     for key in (*GROUP_NAMES, "balancedness", "per_class_std", "per_class"):
         out[key] = pooled[key]
     out["per_client"] = per_client

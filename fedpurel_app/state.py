@@ -5,17 +5,18 @@ that restarts, or a new run, starts from nothing. What a node must keep across
 both (its private residual phi_k, and optionally its cached features) goes to a
 folder that only this node reads:
 
-    store = NodeStateStore(node_config["state-dir"], state_key(model=..., peft=...))
+    store = NodeStateStore(node.state_dir, fingerprint(cfg, "state", partition_id=..., ...))
     phi_k = store.load("phi_k")          # None when absent
     store.save("phi_k", peft.private_state())
 
 Files are safetensors, written atomically (a temp file in the same folder,
 fsync, rename, fsync of the folder): a crash mid-write leaves the previous file
 intact. The folder is owner-only (0o700) and files 0o600. Each file's header
-metadata carries the *state key*, a fingerprint of everything that determines
-what the tensors mean (model, PEFT variant and its shape options, dataset,
-partition...); a file written under another key, or a damaged file, is refused
-with a :class:`StateError` that says which file, why, and what to do.
+metadata carries the *state key*, the run config's ``"state"`` fingerprint
+(:func:`fedpurel_app.config.fingerprint`: everything that determines what the
+tensors mean, the model, the PEFT variant and its shape options, the dataset,
+the node's partition...); a file written under another key, or a damaged file,
+is refused with a :class:`StateError` that says which file, why, and what to do.
 
 Pure library code: no Flower imports.
 """
@@ -23,18 +24,17 @@ Pure library code: no Flower imports.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
+from safetensors import SafetensorError, safe_open
 
+from .config import fingerprint_diff
+from .errors import StateError
 from .storage import save_tensors_atomic
 
 FORMAT = "fedpurel-node-state/1"
@@ -45,26 +45,6 @@ _META_FIELDS = "fedpurel.state-fields"
 _META_NAME = "fedpurel.name"
 _META_DIGEST = "fedpurel.sha256"
 SUFFIX = ".safetensors"
-
-PHI_K = "phi_k"
-
-
-class StateError(ValueError):
-    """A state file or folder that cannot be used (other config, damaged, unsafe)."""
-
-
-def state_key(**fields: Any) -> dict[str, str]:
-    """The fingerprint of the state's meaning, from JSON-serialisable ``fields``.
-
-    Returns ``{"key": <sha256 prefix>, "fields": <canonical JSON>}``; both go in
-    every file's metadata (the fields make the refusal message readable).
-    """
-    try:
-        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
-    except (TypeError, ValueError) as err:  # pragma: no cover - default=str covers most
-        raise StateError(f"state key fields are not serialisable: {err}") from None
-    return {"key": hashlib.sha256(canonical.encode()).hexdigest()[:32], "fields": canonical}
-
 
 def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and raw bytes (detects damaged data, not just headers)."""
@@ -93,11 +73,8 @@ def _fsync_dir(path: Path) -> None:
 class NodeStateStore:
     """Named tensor dicts of one node in ``state_dir``, tied to a state key."""
 
-    def __init__(self, state_dir: str | os.PathLike, key: Mapping[str, str] | None = None, **fields: Any) -> None:
-        if key is None:
-            key = state_key(**fields)
-        elif fields:
-            raise TypeError("give either a state key or key fields, not both")
+    def __init__(self, state_dir: str | os.PathLike, key: Mapping[str, str]) -> None:
+        """``key``: ``{"key": ..., "fields": ...}``, a :func:`~fedpurel_app.config.fingerprint`."""
         if not str(state_dir):
             raise StateError("state-dir is empty: set node-config state-dir to a folder of this node")
         self.dir = Path(state_dir).expanduser()
@@ -155,24 +132,19 @@ class NodeStateStore:
     def load(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor] | None:
         """The tensors saved under ``name``; None when there is none. Refuses foreign or damaged files."""
         path = self.path(name)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
+        if not path.is_file():
             return None
-        except OSError as err:
-            raise StateError(f"cannot read state file {path}: {err.strerror}") from None
         damaged = (
             f"state file {path} is damaged or not a FedPuReL state file ({{}}); "
             "delete it to start this node's private state afresh"
         )
         try:
-            header_len = int.from_bytes(raw[:8], "little")
-            if len(raw) < 8 or header_len > len(raw) - 8:
-                raise ValueError("truncated header")
-            header = json.loads(raw[8 : 8 + header_len])
-            metadata = header.get("__metadata__") or {}
-            tensors = st_load(raw)
-        except (ValueError, SafetensorError, UnicodeDecodeError, AttributeError) as err:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except OSError as err:
+            raise StateError(f"cannot read state file {path}: {err.strerror or err}") from None
+        except (SafetensorError, ValueError, RuntimeError) as err:
             raise StateError(damaged.format(err)) from None
         if metadata.get(_META_FORMAT) != FORMAT:
             raise StateError(damaged.format(f"format {metadata.get(_META_FORMAT)!r}, expected {FORMAT!r}"))
@@ -183,16 +155,7 @@ class NodeStateStore:
         return {k: v.to(device) for k, v in tensors.items()}
 
     def _mismatch(self, path: Path, metadata: Mapping[str, str]) -> str:
-        try:
-            theirs = json.loads(metadata.get(_META_FIELDS, "{}"))
-            ours = json.loads(self.key["fields"])
-            diff = [
-                f"{k}: file has {theirs.get(k, '<unset>')!r}, this run has {ours.get(k, '<unset>')!r}"
-                for k in sorted(set(theirs) | set(ours))
-                if theirs.get(k) != ours.get(k)
-            ]
-        except (ValueError, AttributeError):
-            diff = []
+        diff = fingerprint_diff(metadata.get(_META_FIELDS, "{}"), self.key["fields"])
         detail = "; ".join(diff) if diff else f"key {metadata.get(_META_KEY)!r} != {self.key['key']!r}"
         return (
             f"state file {path} was written for a different configuration ({detail}). "
@@ -204,21 +167,3 @@ class NodeStateStore:
             self.path(name).unlink()
         except FileNotFoundError:
             pass
-
-
-# Run-config fields that decide what a node's private state means: the model and
-# PEFT shapes (a phi_k of another shape cannot load) and the node's own data.
-RUN_KEY_FIELDS = (
-    "method", "model", "pretrained", "peft", "n_ctx", "ctx_init", "adapter_init", "lora_rank", "lora_alpha",
-    "lora_targets", "lora_rslora", "dataset", "data_root", "seed", "n_max", "imbalance_factor",
-    "dirichlet_alpha", "min_client_samples", "client_test_size",
-)
-
-
-def run_state_key(cfg: Any, partition_id: int, num_partitions: int, data_dir: str = "") -> dict[str, str]:
-    """The state key of a node's state under a run config (any object with the fields as attributes)
-    and the node's own data folder, if any."""
-    fields = {name: getattr(cfg, name, None) for name in RUN_KEY_FIELDS}
-    if data_dir:
-        fields["data_dir"] = str(data_dir)
-    return state_key(**fields, partition_id=int(partition_id), num_partitions=int(num_partitions))

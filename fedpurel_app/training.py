@@ -17,34 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .peft import PeftVariant
+from .inputs import FeatureSet
+from .peft.base import PeftVariant
 from .purification import PurificationStats, purify_stacked_with_stats
 from .residual import fuse_logits, residual_loss
 from .tkl import temperature_aligned_kl
-
-
-@dataclass(frozen=True)
-class FeatureSet:
-    """Inputs of one split: the variant's inputs [N, ...], labels [N], zero-shot logits [N, C].
-
-    ``features`` holds image features [N, D] (``inputs = "features"``) or
-    pixels [N, 3, H, W] (``inputs = "pixels"``).
-    """
-
-    features: torch.Tensor
-    labels: torch.Tensor
-    zero_shot_logits: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def batches(self, batch_size: int, generator: torch.Generator | None):
-        """Shuffled (when a generator is given) mini-batches as index tensors."""
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-        order = order.to(self.labels.device)
-        for start in range(0, n, batch_size):
-            yield order[start : start + batch_size]
 
 
 @dataclass(frozen=True)
@@ -61,10 +38,16 @@ class Stage1Options:
     precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (resolved, see resolve_precision)
 
 
-# Static loss scale for fp16 autocast: purification is invariant to scaling both
-# gradients by the same factor, so the losses are scaled before the backward
-# passes and the purified gradient is unscaled before the step.
-FP16_LOSS_SCALE = 1024.0
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """torch's dynamic loss scaler for fp16 autocast; a pass-through for fp32 and bf16.
+
+    It works with the purified gradients: purification is invariant to scaling both
+    gradients by the same factor (the projection coefficient <s g_t, s g_a> / ||s g_a||^2
+    does not depend on s), so the losses are scaled before the backward passes, the
+    purified gradient is set as ``param.grad`` and ``scaler.step`` unscales it, skips the
+    step when it overflowed and adapts the scale.
+    """
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -176,28 +159,30 @@ def stage1_step(
     optimizer: torch.optim.Optimizer,
     options: Stage1Options,
     objective: Stage1Objective = PLAIN,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | float, PurificationStats | None]:
-    """One Stage-1 update of phi_g (METHOD.md "Stage 1", steps 1-5).
+    """One Stage-1 update of phi_g (docs/METHOD.md "Stage 1", steps 1-5).
 
     f = l_G(x); L_task = CE(f, y); L_align = TKL(z || f) (or plain KL).
     The task gradient loses its component that conflicts with the align
     gradient; g_align itself is never applied. With ``align="none"`` this is a
     plain CE step (the PromptFL / FedAvg-PEFT baseline). ``objective`` sets the
-    parameters, logits and task loss (default: phi_g, l_G, CE).
+    parameters, logits and task loss (default: phi_g, l_G, CE); ``scaler`` is the
+    loss scaler of fp16 autocast (:func:`grad_scaler`).
 
     Returns the detached task and align losses and the purification statistics
     as 0-d tensors on the training device (the align loss is 0.0 without
-    alignment): the step never waits for the device (except the fp16 overflow
-    check); :class:`Stage1Stats` reads the sums once per round.
+    alignment): the step never waits for the device (except the fp16 scaler's
+    overflow check); :class:`Stage1Stats` reads the sums once per round.
     """
     params = objective.parameters(peft)
+    scaler = scaler or grad_scaler(features.device, options.precision)
     with autocast(features.device, options.precision):
         logits = objective.logits(peft, features)
     logits = logits.float()
     task_loss = objective.task_loss(logits, labels)
-    scale = FP16_LOSS_SCALE if options.precision == "fp16" else 1.0
     if options.align == "none":
-        grads = torch.autograd.grad(task_loss * scale, params)
+        grads = torch.autograd.grad(scaler.scale(task_loss), params)
         align_value, stats = 0.0, None
     else:
         align_loss = temperature_aligned_kl(
@@ -209,17 +194,13 @@ def stage1_step(
             tol=options.tau_tol,
             max_iter=options.tau_max_iter,
         )
-        stacked = both_gradients(task_loss * scale, align_loss * scale, params)
+        stacked = both_gradients(scaler.scale(task_loss), scaler.scale(align_loss), params)
         grads, stats = purify_stacked_with_stats(stacked, options.granularity, on_device=True)
         align_value = align_loss.detach()
-    if scale != 1.0:
-        grads = [grad / scale for grad in grads]
-        if not all(torch.isfinite(grad).all() for grad in grads):
-            optimizer.zero_grad(set_to_none=True)  # fp16 overflow: skip this step
-            return task_loss.detach(), align_value, stats
     for param, grad in zip(params, grads, strict=True):
         param.grad = grad
-    optimizer.step()
+    scaler.step(optimizer)  # unscales; skips the step when the fp16 gradients overflowed
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return task_loss.detach(), align_value, stats
 
@@ -235,8 +216,8 @@ def train_global(
 ) -> Stage1Stats:
     """Stage 1 on one client: ``epochs`` passes over its data.
 
-    A fresh optimizer per client per round (METHOD.md step 6: the reference
-    leaks momentum across clients, we do not).
+    A fresh optimizer per client per round (docs/METHOD.md "Stage 1", step 6: the
+    reference leaks momentum across clients, we do not).
     """
     optimizer = torch.optim.SGD(
         objective.parameters(peft),
@@ -244,13 +225,14 @@ def train_global(
         momentum=options.momentum,
         weight_decay=options.weight_decay,
     )
+    scaler = grad_scaler(data.features.device, options.precision)
     stats = Stage1Stats()
     for _ in range(epochs):
         for idx in data.batches(batch_size, generator):
             stats.add(
                 *stage1_step(
                     peft, data.features[idx], data.labels[idx], data.zero_shot_logits[idx], optimizer, options,
-                    objective,
+                    objective, scaler,
                 )
             )
     return stats
@@ -271,24 +253,19 @@ def sgd_epochs(
     """``epochs`` passes of SGD on ``params``; ``batch_loss(idx)`` gives a batch's loss.
 
     The loss is computed by the caller (forward passes under :func:`autocast`);
-    with fp16 it is scaled before the backward pass and a step whose unscaled
-    gradients overflow is skipped. Returns the mean loss over the steps taken.
+    with fp16 torch's :func:`grad_scaler` scales it before the backward pass and skips
+    a step whose gradients overflowed. Returns the mean loss over the steps.
     """
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
+    scaler = grad_scaler(data.features.device, precision)
     total, steps = 0.0, 0
     for _ in range(epochs):
         for idx in data.batches(batch_size, generator):
             loss = batch_loss(idx)
             optimizer.zero_grad(set_to_none=True)
-            (loss * scale).backward()
-            if scale != 1.0:
-                grads = [param.grad for param in params if param.grad is not None]
-                for grad in grads:
-                    grad /= scale
-                if not all(torch.isfinite(grad).all() for grad in grads):
-                    continue  # fp16 overflow: skip this step
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             total, steps = total + loss.detach(), steps + 1  # summed on the device, read once
     optimizer.zero_grad(set_to_none=True)
     return float(total) / max(steps, 1)
@@ -306,7 +283,7 @@ def train_private(
 ) -> float:
     """Stage 2 on one client: train phi_k with phi_g frozen; returns the mean loss.
 
-    Loss (METHOD.md "Stage 2"): (1 - lam) CE(l_G + l_P, y) + lam CE(l_P, y),
+    Loss (docs/METHOD.md "Stage 2"): (1 - lam) CE(l_G + l_P, y) + lam CE(l_P, y),
     plain SGD (no momentum, no weight decay, as the reference). l_G does not
     change during Stage 2, so it is computed once for the client's data.
     """

@@ -2,11 +2,12 @@
 # Set up .venv if needed, then run FedPuReL in Flower simulation (Ray) on the embedded default.
 #
 #   bash scripts/run.sh                                   # the default run (20 clients)
-#   bash scripts/run.sh "method='promptfl' seed=1"             # any [tool.flwr.app.config] override
+#   bash scripts/run.sh "method.name='promptfl' seed=1"        # any [tool.flwr.app.config] override
 #   bash scripts/run.sh configs/cifar100-lt-prompt.toml "seed=1"   # a preset, then overrides
 #
 # Environment: NUM_SUPERNODES (20), CLIENT_GPUS (0.0; e.g. 0.25 on a GPU machine),
-# OUTPUT_DIR (./outputs), FLWR_HOME (./.flwr). Exits non-zero if the run did not complete.
+# OUTPUT_DIR (./outputs), FLWR_HOME (./.flwr). Exits non-zero unless Flower records the run
+# as completed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -46,24 +47,24 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Presets (.toml files) and key=value strings, later ones win, as one --run-config string.
-overrides=$(python scripts/overrides.py "$@")
+# Presets (.toml files) and key=value strings, later ones win, as one --run-config string;
+# an unknown key stops here with one line.
+overrides=$(fedpurel overrides "$@")
 
-app=$(python scripts/stage_app.py "$stage/app")
+app=$(fedpurel stage "$stage/app")
 # Unbuffered: the log goes through a pipe, and each round's line should show when it is logged.
 PYTHONUNBUFFERED=1 flwr run "$app" --stream \
   --federation-config "num-supernodes=${NUM_SUPERNODES:-20} client-resources-num-cpus=1 client-resources-num-gpus=${CLIENT_GPUS:-0.0}" \
   --run-config "output-dir='$output_dir' $overrides" 2>&1 | grep --line-buffered -v -E "^(INFO|DEBUG):flwr:|^\s*$" | tee "$log"
 
-# `flwr run --stream` exits 0 even when the ServerApp failed. The ServerApp's last line of a
-# completed run names its results file; without it, report the run's final status.
+# `flwr run --stream` exits 0 even when the ServerApp failed: the run's final status says.
 run_id=$(sed -n 's/.*Successfully started run \([0-9]*\).*/\1/p' "$log" | tail -n 1)
 if [ -z "$run_id" ]; then
   echo "fedpurel: the run was not started (see the messages above)" >&2
   exit 1
 fi
-if ! grep -q "\[fedpurel\] results: " "$log" || grep -q "run stopped before training" "$log"; then
-  status=$(flwr ls --run-id "$run_id" --format json | python -c 'import json,sys; print(json.load(sys.stdin)["runs"][0]["status"])')
+status=$(flwr ls --run-id "$run_id" --format json | python -c 'import json,sys; print(json.load(sys.stdin)["runs"][0]["status"])')
+if [ "$status" != "finished:completed" ]; then
   echo "fedpurel: run $run_id ended with status $status" >&2
   exit 1
 fi

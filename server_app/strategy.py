@@ -1,34 +1,41 @@
 """The FedAvg subclass that sends and aggregates only the global PEFT parameters phi_g.
 
 - Sampling is seeded (reproducible for a seed and a set of nodes): all nodes
-  in round 1 when ``all-clients-first-round`` is set, then ``fraction-train``
-  of them (METHOD.md "Stage 1", step 7).
+  in round 1 when ``train.all-clients-first-round`` is set, then
+  ``train.fraction`` of them (docs/METHOD.md "Stage 1", step 7).
 - Aggregation is FedAvg weighted by each client's train-set size n_k, over
-  phi_g only. Every reply is checked first (:meth:`reply_problem`): one that is
-  not exactly a finite float32 phi_g with a sane example count (for instance
-  one that also carries a private phi_k tensor) is dropped and logged.
-- Stage 2 messages (``train.personalize``) and PM evaluation carry phi_g out
-  and bring metrics back, never parameters.
+  phi_g only. Every reply of every exchange is checked against the protocol
+  (:mod:`fedpurel_app.protocol`) first: one that does not follow it (for
+  instance one that also carries a private phi_k tensor, or per-sample data)
+  is dropped and logged, and so is an error reply.
+- Messages are built from an :class:`~fedpurel_app.protocol.Instruction`;
+  personalization and evaluation messages carry phi_g out and bring metrics
+  back, never parameters.
 """
 
 from __future__ import annotations
 
 import math
-
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
+from typing import Any, TypeVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-PERSONALIZE = f"{MessageType.TRAIN}.personalize"
+from fedpurel_app import protocol
+from fedpurel_app.errors import ClientError
+from fedpurel_app.protocol import Identity, Instruction, ProtocolError, TrainReply
+
+R = TypeVar("R")
 
 
 class FedPuReLStrategy(FedAvg):
-    """FedAvg over phi_g with seeded sampling and a personalization phase."""
+    """FedAvg over phi_g with seeded sampling, checked replies and a personalization phase."""
 
     def __init__(
         self,
@@ -39,7 +46,7 @@ class FedPuReLStrategy(FedAvg):
         seed: int = 0,
         max_examples: int = 10**9,
         min_valid_replies: int = 1,
-        num_classes: int | None = None,
+        num_classes: int = 1,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -59,6 +66,8 @@ class FedPuReLStrategy(FedAvg):
         # ordering nodes by partition makes sampling and aggregation reproducible.
         self.partitions: dict[int, int] = {}
 
+    # --- nodes and sampling ----------------------------------------------------------------
+
     def note_partitions(self, replies: Iterable[Message]) -> None:
         """Remember the ``partition-id`` each replying node reports in its metrics."""
         for msg in replies:
@@ -73,17 +82,15 @@ class FedPuReLStrategy(FedAvg):
         """Sort key: by reported partition, then (nodes that never replied) by node id."""
         return (self.partitions.get(node_id, math.inf), node_id)
 
-    def _nodes(self, grid: Grid) -> list[int]:
+    def nodes(self, grid: Grid) -> list[int]:
         """All connected nodes, in :meth:`_order`, once at least ``min_available_nodes`` are up."""
-        import time
-
         while len(nodes := sorted(grid.get_node_ids(), key=self._order)) < self.min_available_nodes:
             log(INFO, "Waiting for nodes: %d of %d connected", len(nodes), self.min_available_nodes)
             time.sleep(1)
         return nodes
 
     def sample(self, server_round: int, grid: Grid) -> list[int]:
-        nodes = self._nodes(grid)
+        nodes = self.nodes(grid)
         if server_round == 1 and self.all_clients_first_round:
             return nodes
         size = max(self.min_train_nodes, int(round(len(nodes) * self.fraction_train)))
@@ -91,77 +98,74 @@ class FedPuReLStrategy(FedAvg):
         picked = rng.choice(len(nodes), size=min(size, len(nodes)), replace=False)
         return [nodes[i] for i in sorted(picked)]
 
-    def _messages(
-        self, nodes: list[int], arrays: ArrayRecord, server_round: int, message_type: str,
-        config: ConfigRecord | None = None,
+    # --- messages --------------------------------------------------------------------------
+
+    def messages(
+        self, nodes: list[int], message_type: str, instruction: Instruction, arrays: ArrayRecord | None = None
     ) -> list[Message]:
-        content = ConfigRecord({**(config or {}), "server-round": server_round})
-        record = RecordDict({"arrays": arrays, "config": content})
-        return list(self._construct_messages(record, nodes, message_type))
+        content: dict[str, Any] = {protocol.CONFIG: ConfigRecord(instruction.to_config())}
+        if arrays is not None:
+            content[protocol.ARRAYS] = arrays
+        return list(self._construct_messages(RecordDict(content), nodes, message_type))
 
     def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord | Instruction, grid: Grid
     ) -> Iterable[Message]:
-        """Stage 1: send phi_g (and ``config``, e.g. the class counts) to the sampled clients."""
+        """Stage 1: phi_g and the instruction to the sampled clients."""
         self.last_sampled = self.sample(server_round, grid)
-        return self._messages(self.last_sampled, arrays, server_round, MessageType.TRAIN, config)
+        return self.messages(self.last_sampled, protocol.TRAIN, _instruction(config, server_round), arrays)
 
     def configure_personalize(
-        self, server_round: int, arrays: ArrayRecord, grid: Grid, nodes: list[int] | None = None,
-        evaluate: bool = False,
+        self, arrays: ArrayRecord, instruction: Instruction, grid: Grid, nodes: list[int] | None = None
     ) -> list[Message]:
-        """Stage 2: send the frozen phi_g to ``nodes`` (all nodes when None).
-
-        With ``evaluate`` every client also evaluates its personalized model right after
-        training and replies with the evaluation metrics (see :meth:`evaluate_replies`):
-        one message per client instead of two, which saves a ClientApp process start per
-        client in deployment.
-        """
-        config = ConfigRecord({"evaluate": 1}) if evaluate else None
-        return self._messages(
-            self._nodes(grid) if nodes is None else nodes, arrays, server_round, PERSONALIZE, config
-        )
+        """Stage 2: the frozen phi_g to ``nodes`` (all nodes when None). With ``instruction.evaluate``
+        every client also evaluates its personalized model in the same message (one ClientApp
+        process start per client instead of two in deployment)."""
+        return self.messages(self.nodes(grid) if nodes is None else nodes, protocol.PERSONALIZE, instruction, arrays)
 
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord | Instruction, grid: Grid
     ) -> Iterable[Message]:
         """PM evaluation on every client's own test set."""
-        return self._messages(self._nodes(grid), arrays, server_round, MessageType.EVALUATE)
+        return self.messages(self.nodes(grid), protocol.EVALUATE, _instruction(config, server_round), arrays)
 
-    def reply_problem(self, msg: Message) -> str | None:
-        """Why a Stage-1 reply must not be aggregated, or None when it is a valid phi_g update.
+    def configure_query(self, instruction: Instruction, grid: Grid) -> list[Message]:
+        """Ask every node which partition it holds (a resumed run's nodes have new ids)."""
+        return self.messages(self.nodes(grid), protocol.QUERY, instruction)
 
-        Checked: exactly one ArrayRecord holding exactly phi_g's keys (an extra array,
-        e.g. a private phi_k tensor, is refused), shapes, float32 dtype, finite
-        values, and a whole positive ``num-examples`` no larger than ``max_examples``.
+    # --- replies ---------------------------------------------------------------------------
+
+    def read_replies(
+        self, what: str, replies: Iterable[Message], read: Callable[[Message], R], sent: Iterable[int] = ()
+    ) -> list[tuple[Message, R]]:
+        """Every reply checked with ``read`` (it reads a reply with :mod:`fedpurel_app.protocol`); error replies,
+        replies that do not follow the protocol and nodes of ``sent`` that did not reply are
+        logged and left out.
+
+        Raises :class:`~fedpurel_app.errors.ClientError` when no reply is valid and some
+        client reported a user error of its own (its message says what to fix).
         """
-        if msg.has_error():
-            return f"error reply: {msg.error.reason}"
-        records = list(msg.content.array_records.values())
-        if len(records) != 1:
-            return f"expected one ArrayRecord (phi_g), got {len(records)}"
-        arrays = records[0]
-        missing = sorted(set(self.phi_g_shapes) - set(arrays))
-        extra = sorted(set(arrays) - set(self.phi_g_shapes))
-        if missing or extra:
-            return f"arrays are not exactly phi_g: missing {missing}, extra {extra}"
-        for key, array in arrays.items():
-            if tuple(array.shape) != self.phi_g_shapes[key]:
-                return f"phi_g['{key}'] has shape {tuple(array.shape)}, expected {self.phi_g_shapes[key]}"
-            if array.dtype != "float32":
-                return f"phi_g['{key}'] has dtype {array.dtype}, expected float32"
-            if not np.isfinite(array.numpy()).all():
-                return f"phi_g['{key}'] contains NaN or Inf"
-        metrics = list(msg.content.metric_records.values())
-        count = metrics[0].get(self.weighted_by_key) if len(metrics) == 1 else None
-        if (
-            not isinstance(count, (int, float))
-            or not np.isfinite(count)  # int(inf) would raise: a poisoned count must not crash the round
-            or count != int(count)
-            or not 0 < count <= self.max_examples
-        ):
-            return f"'{self.weighted_by_key}' is {count!r}, expected a whole number in [1, {self.max_examples}]"
-        return None
+        replies = list(replies)
+        self.note_partitions(replies)
+        kept, user_errors = [], []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                reason = msg.error.reason or f"error code {msg.error.code}"
+                if msg.error.code == protocol.USER_ERROR:
+                    user_errors.append(reason)
+                log(WARNING, "%s: node %d replied with an error: %s", what, node, reason)
+                continue
+            try:
+                kept.append((msg, read(msg)))
+            except ProtocolError as err:
+                log(WARNING, "%s: dropped the reply of node %d: %s", what, node, err)
+        missing = sorted(set(sent) - {msg.metadata.src_node_id for msg in replies})
+        if missing:
+            log(WARNING, "%s: no reply from node(s) %s", what, missing)
+        if not kept and user_errors:
+            raise ClientError(f"{what}: every client that replied stopped on an error of its own: {user_errors[0]}")
+        return kept
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -170,22 +174,11 @@ class FedPuReLStrategy(FedAvg):
 
         Raises RuntimeError when fewer than ``min_valid_replies`` valid replies remain.
         """
-        replies = list(replies)
-        self.note_partitions(replies)
-        kept = []
-        for msg in replies:
-            problem = self.reply_problem(msg)
-            if problem is None:
-                kept.append(msg)
-            else:
-                log(WARNING, "Round %d: dropped the reply of node %d: %s",
-                    server_round, msg.metadata.src_node_id, problem)
-        missing = sorted(set(self.last_sampled) - {msg.metadata.src_node_id for msg in kept})
-        if missing:
-            log(WARNING, "Round %d: no valid update from sampled node(s) %s", server_round, missing)
+        what = f"round {server_round}"
+        kept = [msg for msg, _ in self.read_replies(what, replies, self._read_train, self.last_sampled)]
         if len(kept) < self.min_valid_replies:
             raise RuntimeError(
-                f"round {server_round}: only {len(kept)} valid client update(s), "
+                f"{what}: only {len(kept)} valid client update(s), "
                 f"at least {self.min_valid_replies} needed; see the dropped replies above"
             )
         # Replies arrive in any order; a fixed order makes the floating-point sum, and so the
@@ -196,42 +189,39 @@ class FedPuReLStrategy(FedAvg):
             del metrics["partition-id"]  # an identity, not a statistic to average
         return arrays, metrics
 
-    def evaluate_problem(self, msg: Message) -> str | None:
-        """Why an evaluation reply must not be pooled, or None when it is well-formed.
-
-        Checked: one MetricRecord with ``labels``, ``pm-preds``, ``gm-preds`` and
-        ``zs-preds`` as lists of the same length ``num-examples``, class indices in
-        ``[0, num_classes)``, and ``personalized`` 0 or 1.
-        """
-        records = list(msg.content.metric_records.values())
+    def _read_train(self, msg: Message) -> TrainReply:
+        """A Stage-1 reply: exactly one ArrayRecord that is exactly phi_g, and its metrics."""
+        records = list(msg.content.array_records.values())
         if len(records) != 1:
-            return f"expected one MetricRecord, got {len(records)}"
-        metrics = records[0]
-        keys = ("labels", "pm-preds", "gm-preds", "zs-preds")
-        if missing := [k for k in (*keys, "num-examples", "personalized") if k not in metrics]:
-            return f"missing metrics {missing}"
-        n = metrics["num-examples"]
-        high = self.num_classes if self.num_classes is not None else np.iinfo(np.int64).max
-        for key in keys:
-            values = metrics[key]
-            if not isinstance(values, list) or len(values) != n:
-                return f"'{key}' is not a list of num-examples ({n!r}) values"
-            if not all(isinstance(v, int) and 0 <= v < high for v in values):
-                return f"'{key}' holds values that are not class indices in [0, {high})"
-        if metrics["personalized"] not in (0, 1):
-            return f"'personalized' is {metrics['personalized']!r}, expected 0 or 1"
+            raise ProtocolError(f"expected one ArrayRecord (phi_g), got {len(records)}")
+        protocol.check_phi_g({k: v.numpy() for k, v in records[0].items()}, self.phi_g_shapes)
+        return TrainReply.read(metrics_of(msg), self.max_examples)
+
+    def reply_problem(self, msg: Message) -> str | None:
+        """Why a Stage-1 reply must not be aggregated, or None when it is a valid phi_g update."""
+        if msg.has_error():
+            return f"error reply: {msg.error.reason}"
+        try:
+            self._read_train(msg)
+        except ProtocolError as err:
+            return str(err)
         return None
 
-    def evaluate_replies(self, replies: Iterable[Message]) -> list[MetricRecord]:
-        """The metric records of the successful, well-formed evaluation replies; others are logged."""
-        replies = list(replies)
-        self.note_partitions(replies)
-        valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
-        kept = []
-        for msg in valid:
-            problem = self.evaluate_problem(msg)
-            if problem is None:
-                kept.append(next(iter(msg.content.metric_records.values())))
-            else:
-                log(WARNING, "Dropped the evaluation reply of node %d: %s", msg.metadata.src_node_id, problem)
-        return kept
+    def identities(self, replies: Iterable[Message]) -> list[Identity]:
+        return [reply for _, reply in self.read_replies("query", replies, lambda m: Identity.read(metrics_of(m)))]
+
+
+def _instruction(config: ConfigRecord | Instruction, server_round: int) -> Instruction:
+    if isinstance(config, Instruction):
+        return config
+    return Instruction(server_round)
+
+
+def metrics_of(msg: Message) -> dict[str, Any]:
+    """The one MetricRecord of a reply; a reply other than Stage 1's must carry no arrays."""
+    records = list(msg.content.metric_records.values())
+    if len(records) != 1:
+        raise ProtocolError(f"expected one MetricRecord, got {len(records)}")
+    if msg.content.array_records and msg.metadata.message_type != protocol.TRAIN:
+        raise ProtocolError("a reply other than Stage 1's carries arrays")
+    return dict(records[0])

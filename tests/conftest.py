@@ -11,19 +11,28 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 # A small but complete run: few clients and rounds, the embedded model and data.
+# Keys are flat and dotted, as Flower passes a run config (context.run_config).
 SMALL_RUN = {
-    "num-rounds": 2,
-    "personal-rounds": 1,
-    "local-epochs": 1,
-    "client-test-size": 30,
+    "train.rounds": 2,
+    "personalize.rounds": 1,
+    "train.local-epochs": 1,
+    "data.client-test-size": 30,
 }
+
+
+def make_cfg(flat=None):
+    """A validated run config from a flat mapping of dotted keys (missing keys: defaults),
+    unflattened with Flower's own ``unflatten_dict`` as the apps do."""
+    from flwr.common.config import unflatten_dict
+
+    from fedpurel_app.config import parse_run_config
+
+    return parse_run_config(unflatten_dict(dict(flat or {})))
 
 
 @pytest.fixture(scope="session")
 def small_cfg():
-    from fedpurel_app.config import parse_run_config
-
-    return parse_run_config(SMALL_RUN)
+    return make_cfg(SMALL_RUN)
 
 
 @pytest.fixture(autouse=True)

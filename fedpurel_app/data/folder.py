@@ -64,6 +64,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from ..errors import DataError
+from ..registry import DATASETS
 from .base import DEFAULT_TEMPLATE, DatasetBundle
 from .cifar import require_data_root
 from .fedlt import long_tail_counts
@@ -141,12 +143,12 @@ def read_split_file(path: str) -> tuple[list[str], np.ndarray]:
                     raise ValueError
                 labels.append(int(parts[1]))
             except ValueError:
-                raise ValueError(
+                raise DataError(
                     f"{path}: line {lineno}: expected 'relative/path label', got {line!r}"
                 ) from None
             paths.append(_relative(parts[0]))
     if not paths:
-        raise ValueError(f"{path}: the split file lists no images")
+        raise DataError(f"{path}: the split file lists no images")
     return paths, np.asarray(labels, dtype=np.int64)
 
 
@@ -159,10 +161,10 @@ def _find_split_file(name: str, root: str, prefix: str, subdirs: tuple[str, ...]
             if os.path.isfile(p):
                 return p
             tried.append(p)
-    raise FileNotFoundError(
+    raise DataError(
         f"dataset {name!r}: no {'/'.join(kinds)} split file found; looked for "
         + ", ".join(tried)
-        + f" (lines 'relative/path label', paths relative to data-root={root})"
+        + f" (lines 'relative/path label', paths relative to data.root={root})"
     )
 
 
@@ -170,16 +172,16 @@ def _check_split(name: str, root: str, split_file: str, paths: list[str], labels
     bad = np.flatnonzero((labels < 0) | (labels >= c))
     if len(bad):
         i = int(bad[0])
-        raise ValueError(
+        raise DataError(
             f"dataset {name!r}: {split_file}: {len(bad)} labels outside [0, {c - 1}] "
             f"({name} has {c} classes); first: {paths[i]!r} has label {int(labels[i])}"
         )
     missing = [p for p in paths if not os.path.isfile(os.path.join(root, p))]
     if missing:
-        raise FileNotFoundError(
+        raise DataError(
             f"dataset {name!r}: {len(missing)} of {len(paths)} images listed in "
-            f"{split_file} are missing under data-root={root} (first missing: "
-            f"{os.path.join(root, missing[0])}); data-root must be the folder the "
+            f"{split_file} are missing under data.root={root} (first missing: "
+            f"{os.path.join(root, missing[0])}); data.root must be the folder the "
             "listed paths are relative to"
         )
 
@@ -201,17 +203,17 @@ def read_classnames(name: str, root: str, num_classes: int) -> tuple[str, ...]:
         lines.pop()
     names = [_WNID.sub("", ln).strip() for ln in lines]
     if len(names) != num_classes:
-        raise ValueError(
+        raise DataError(
             f"dataset {name!r}: {path} has {len(names)} names, expected {num_classes} "
             "(one per line, in label order)"
         )
     empty = [i + 1 for i, n in enumerate(names) if not n]
     if empty:
-        raise ValueError(f"dataset {name!r}: {path}: empty class name on line {empty[0]}")
+        raise DataError(f"dataset {name!r}: {path}: empty class name on line {empty[0]}")
     first: dict[str, int] = {}
     for i, n in enumerate(names):
         if n in first:
-            raise ValueError(
+            raise DataError(
                 f"dataset {name!r}: {path}: class name {n!r} appears on lines "
                 f"{first[n] + 1} and {i + 1}; class names must be unique"
             )
@@ -257,8 +259,8 @@ def load_folder_lt(
     train count (see the module doc)."""
     root = require_data_root(name, root, f"{prefix}_train.txt, {prefix}_test.txt and the images")
     if not os.path.isdir(root):
-        raise FileNotFoundError(
-            f"dataset {name!r}: data-root {root} does not exist; set data-root to the "
+        raise DataError(
+            f"dataset {name!r}: data.root {root} does not exist; set data.root to the "
             f"folder that holds {prefix}_train.txt, {prefix}_test.txt and the images"
         )
     train_file = _find_split_file(name, root, prefix, subdirs, ("train",))
@@ -285,43 +287,15 @@ def load_folder_lt(
     )
 
 
+@DATASETS.register("imagenet-lt")
 def load_imagenet_lt(root: str | None = None, seed: int = 0) -> DatasetBundle:
     """``imagenet-lt``: 1,000 classes; the ImageNet-LT train list is the pool."""
     prefix, c, sub = FOLDER_DATASETS["imagenet-lt"]
     return load_folder_lt("imagenet-lt", root, prefix, c, sub)
 
 
+@DATASETS.register("places-lt")
 def load_places_lt(root: str | None = None, seed: int = 0) -> DatasetBundle:
     """``places-lt``: 365 classes; the Places-LT train list is the pool."""
     prefix, c, sub = FOLDER_DATASETS["places-lt"]
     return load_folder_lt("places-lt", root, prefix, c, sub)
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(
-        prog="python -m fedpurel_app.data.folder",
-        description="Train-pool counts of an LT folder dataset and the largest feasible n-max.",
-    )
-    ap.add_argument("data_root")
-    ap.add_argument("dataset", choices=sorted(FOLDER_DATASETS))
-    ap.add_argument("imbalance_factor", nargs="*", type=float, default=[100.0, 256.0])
-    args = ap.parse_args(argv)
-    loader = {"imagenet-lt": load_imagenet_lt, "places-lt": load_places_lt}[args.dataset]
-    b = loader(args.data_root)
-    counts = np.bincount(b.train.labels, minlength=b.num_classes)
-    print(
-        f"{args.dataset}: {len(b.train)} train images, {len(b.test)} test images, "
-        f"{b.num_classes} classes; train count per class max {counts.max()}, "
-        f"min {counts.min()}; pool Many(>100) {int((counts > 100).sum())}, "
-        f"Few(<20) {int((counts < 20).sum())}"
-    )
-    for f in args.imbalance_factor:
-        print(f"imbalance-factor {f:g}: largest feasible n-max = "
-              f"{max_feasible_n_max(b.train.labels, b.num_classes, f)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

@@ -16,28 +16,28 @@ node of an on-disk dataset (CIFAR, ImageNet-LT, Places-LT) needs none of the
 dataset's files; without it they come from the run's dataset (the embedded
 datasets ship inside packages, so every node has them).
 
-``python -m fedpurel_app.data.local OUT --partition-id I --num-partitions N`` writes such a folder from one
-partition of the Fed-LT split of a built-in dataset (for trying a deployment
-with the embedded data, or for tests).
+``fedpurel node-data OUT --partition-id I --num-partitions N`` writes such a folder
+from one partition of the Fed-LT split of a built-in dataset (for trying a
+deployment with the embedded data, or for tests), with :func:`export_split` and
+:func:`write_node_classes`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError
 from .folder import FileSplit, read_split_file
 
 SPLITS = ("train", "test")
 CLASSES_FILE = "dataset.json"
 
 
-class NodeDataError(ValueError):
+class NodeDataError(DataError):
     """A node's data-dir is missing, incomplete or inconsistent; the message says what to fix."""
 
 
@@ -56,7 +56,7 @@ def load_node_data(data_dir: str, num_classes: int) -> tuple[FileSplit, FileSpli
             )
         try:
             paths, labels = read_split_file(str(listing))
-        except ValueError as err:
+        except DataError as err:
             raise NodeDataError(str(err)) from None
         bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
         if len(bad):
@@ -102,7 +102,7 @@ def read_node_classes(data_dir: str, dataset: str) -> tuple[tuple[str, ...], str
     ):
         raise NodeDataError(
             f"{path}: expected {{\"dataset\": name, \"classnames\": [distinct names], "
-            f"\"template\": \"... {{}} ...\"}}; rewrite it with python -m fedpurel_app.data.local or remove it"
+            f"\"template\": \"... {{}} ...\"}}; rewrite it with `fedpurel node-data` or remove it"
         )
     if meta.get("dataset") != dataset:
         raise NodeDataError(
@@ -129,39 +129,3 @@ def export_split(split, out: Path, name: str) -> int:
         lines.append(f"{rel} {int(split.labels[i])}")
     (out / f"{name}.txt").write_text("\n".join(lines) + "\n")
     return len(lines)
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m fedpurel_app.data.local",
-        description="Write one partition of a built-in dataset's Fed-LT split as a node data-dir.",
-    )
-    parser.add_argument("out", type=Path,
-                        help="the node's data-dir to write (train.txt, test.txt, dataset.json, images)")
-    parser.add_argument("--partition-id", type=int, required=True)
-    parser.add_argument("--num-partitions", type=int, required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="run-config override (TOML value), e.g. --set seed=1; repeatable")
-    args = parser.parse_args(argv)
-
-    import tomllib
-
-    from .. import task
-    from ..config import ConfigError, parse_run_config
-
-    try:
-        overrides = tomllib.loads("\n".join(args.set))
-        cfg = parse_run_config(overrides)
-        train, test = task.client_splits(cfg, args.partition_id, args.num_partitions)
-        bundle = task.dataset(cfg.dataset, cfg.data_root)
-    except (ConfigError, ValueError, tomllib.TOMLDecodeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    n_train, n_test = export_split(train, args.out, "train"), export_split(test, args.out, "test")
-    write_node_classes(args.out, cfg.dataset, bundle.classnames, bundle.template)
-    print(f"wrote {n_train} train and {n_test} test images of partition {args.partition_id} to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(_main())

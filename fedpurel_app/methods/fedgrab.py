@@ -27,7 +27,7 @@ is made of L2-normalised text embeddings, whose norms carry no prior, so the
 server sends the global class counts instead (the quantity the DPA
 estimates); the tail classes are those with a prior below uniform, 1/C.
 
-Hyper-parameters: ``grab-kp``, ``grab-ki``, ``grab-kd`` (controller gains),
+Hyper-parameters: ``method.fed-grab.kp``, ``.ki``, ``.kd`` (controller gains),
 u_max = 10. The controller state (P, N, the integral and the last error) is
 private client state, kept across rounds like phi_k.
 """
@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import MethodConfig, knob
+from ..registry import METHODS
 from .promptfl import PromptFL
 
 U_MAX = 10.0
@@ -85,8 +87,16 @@ def balanced_ce(logits: torch.Tensor, labels: torch.Tensor, w_pos: torch.Tensor,
     return ce.detach() + surrogate - surrogate.detach()
 
 
+class FedGraBConfig(MethodConfig):
+    """Fed-GraB: PID gains of the self-adjusting gradient balancer."""
+
+    kp: float = knob(1.0, "proportional gain", role="training", ge=0.0)
+    ki: float = knob(0.01, "integral gain", role="training", ge=0.0)
+    kd: float = knob(0.1, "derivative gain", role="training", ge=0.0)
+
+
+@METHODS.register("fed-grab", FedGraBConfig)
 class FedGraB(PromptFL):
-    name = "fed-grab"
     needs_prior = True
 
     def __init__(self, cfg, class_counts=None) -> None:
@@ -103,10 +113,10 @@ class FedGraB(PromptFL):
                 else torch.zeros(self.tail.shape, dtype=torch.float64, device=device)
                 for key in STATE_KEYS
             }
-        s, cfg = self.state, self.cfg
+        s, gains = self.state, self.options
         error = torch.where(s["negative"] > 0, 1.0 - s["positive"] / s["negative"].clamp_min(1e-12), 0.0)
         s["integral"] += error
-        w_pos, w_neg = pid_weights(error, s["integral"], s["error"], cfg.grab_kp, cfg.grab_ki, cfg.grab_kd, self.tail)
+        w_pos, w_neg = pid_weights(error, s["integral"], s["error"], gains.kp, gains.ki, gains.kd, self.tail)
         s["error"] = error
         positive, negative = gradient_parts(logits, labels)
         s["positive"] += w_pos * positive.double()

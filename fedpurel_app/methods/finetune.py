@@ -3,11 +3,11 @@
 Both take PromptFL's Stage 1 (FedAvg of phi_g with plain CE, the usual
 "global training stage" of post-hoc personalization), then each client
 personalizes a private copy phi_k of the final phi_g on its own data for
-``personal-rounds`` rounds of ``personal-epochs`` epochs. GM is PromptFL's
+``personalize.rounds`` rounds of ``personalize.epochs`` epochs. GM is PromptFL's
 global model; PM uses the client's fine-tuned copy.
 
-- ``pft``: plain fine-tuning of the copy with CE (SGD with Stage 1's ``lr``,
-  ``momentum`` and ``weight-decay``: the same parameters, the same optimizer).
+- ``pft``: plain fine-tuning of the copy with CE (SGD with Stage 1's learning rate,
+  ``train.momentum`` and ``train.weight-decay``: the same parameters, the same optimizer).
 - ``lp-ft`` (Kumar et al., "Fine-Tuning can Distort Pretrained Features and
   Underperform Out-of-Distribution", ICLR 2022; in FL: "A Closer Look at
   Personalized Fine-Tuning in Heterogeneous Federated Learning"): first
@@ -17,8 +17,9 @@ global model; PM uses the client's fine-tuned copy.
 
       logits = exp(t) * e_k(x) @ (T_k + W).T
 
-  The first ``lp-rounds`` personalization rounds train W only (``personal-lr``),
-  later rounds train W and phi_k together (Stage 1's ``lr``).
+  The first ``method.lp-ft.lp-rounds`` personalization rounds train W only (with
+  ``peft.<variant>.personal-lr``), later rounds train W and phi_k together (with
+  Stage 1's ``peft.<variant>.lr``).
 """
 
 from __future__ import annotations
@@ -28,12 +29,20 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from ..config import MethodConfig, knob
+from ..registry import METHODS
 from ..training import autocast, sgd_epochs
 from .promptfl import PromptFL
 
 
+class LPFTConfig(MethodConfig):
+    """LP-FT: linear probing, then fine-tuning of the head and the copy."""
+
+    lp_rounds: int = knob(1, "personalization rounds of linear probing before fine-tuning", role="training", ge=0)
+
+
+@METHODS.register("pft")
 class PFT(PromptFL):
-    name = "pft"
     reports = ("gm", "pm")
     personal_phase = True
 
@@ -43,8 +52,9 @@ class PFT(PromptFL):
     def personalize(self, peft, data, generator: torch.Generator, first: bool, precision: str) -> float:
         if first:
             peft.load_private_state(peft.global_state())
-        return self._fine_tune(peft, peft.private_parameters(), self.cfg.lr, self.cfg.momentum,
-                               self.cfg.weight_decay, data, generator, precision)
+        cfg = self.cfg
+        return self._fine_tune(peft, peft.private_parameters(), cfg.peft.options.lr, cfg.train.momentum,
+                               cfg.train.weight_decay, data, generator, precision)
 
     def _fine_tune(self, peft, params, lr, momentum, weight_decay, data, generator, precision) -> float:
         """CE on the personalized logits, ``personal-epochs`` epochs of SGD on ``params``."""
@@ -56,13 +66,12 @@ class PFT(PromptFL):
             return F.cross_entropy(logits.float(), data.labels[idx])
 
         cfg = self.cfg
-        return sgd_epochs(params, batch_loss, data, cfg.personal_epochs, cfg.batch_size, generator,
+        return sgd_epochs(params, batch_loss, data, cfg.personalize.epochs, cfg.train.batch_size, generator,
                           lr, momentum, weight_decay, precision)
 
 
+@METHODS.register("lp-ft", LPFTConfig)
 class LPFT(PFT):
-    name = "lp-ft"
-
     def __init__(self, cfg, class_counts=None) -> None:
         super().__init__(cfg, class_counts)
         self.head: torch.Tensor | None = None
@@ -84,11 +93,14 @@ class LPFT(PFT):
             self.rounds_done = 0
         elif self.head.device != data.features.device:  # restored from CPU state
             self.head = self.head.detach().to(data.features.device).requires_grad_(True)
-        if self.rounds_done < cfg.lp_rounds:  # linear probing: the head only
-            loss = self._fine_tune(peft, [self.head], cfg.personal_lr, 0.0, 0.0, data, generator, precision)
+        lr, personal_lr = cfg.peft.options.lr, cfg.peft.options.personal_lr
+        if self.rounds_done < self.options.lp_rounds:  # linear probing: the head only
+            loss = self._fine_tune(peft, [self.head], personal_lr, 0.0, 0.0, data, generator, precision)
         else:  # fine-tuning: the head and the copy of phi_g
             params = [self.head, *peft.private_parameters()]
-            loss = self._fine_tune(peft, params, cfg.lr, cfg.momentum, cfg.weight_decay, data, generator, precision)
+            loss = self._fine_tune(
+                peft, params, lr, cfg.train.momentum, cfg.train.weight_decay, data, generator, precision
+            )
         self.rounds_done += 1
         return loss
 

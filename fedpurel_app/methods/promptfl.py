@@ -6,20 +6,25 @@
   Learn Prompts Instead of Models", IEEE TMC 2023): FedAvg over the PEFT
   parameters phi_g with plain cross entropy; one global model (GM). With a
   prompt variant this is PromptFL itself, with ``adapter`` FedCLIP's
-  training, with ``lora`` FedAvg-LoRA. Hyper-parameters: ``lr``,
-  ``local-epochs``, ``momentum``, ``weight-decay``.
+  training, with ``lora`` FedAvg-LoRA. Hyper-parameters: ``peft.<variant>.lr``,
+  ``train.local-epochs``, ``train.momentum``, ``train.weight-decay``.
 """
 
 from __future__ import annotations
 
+from ..plan import RoundPlan, standard_plan
+from ..registry import METHODS
 from .base import Method
 
 
+@METHODS.register("zero-shot")
 class ZeroShot(Method):
-    name = "zero-shot"
-    trains_global = False
+    """The frozen CLIP is the result: a plan of the zero-shot evaluation alone."""
+
+    def plan(self) -> RoundPlan:
+        return standard_plan(0)
 
 
+@METHODS.register("promptfl")
 class PromptFL(Method):
-    name = "promptfl"
     reports = ("gm",)

@@ -1,7 +1,7 @@
 """FedCLIP-style attention adapter on the cached image embedding.
 
 A branch re-weights the frozen image embedding ``e`` (the cached, L2-normalised
-image features) coordinate by coordinate (METHOD.md "PEFT variants": adapter):
+image features) coordinate by coordinate (docs/METHOD.md "PEFT variants"):
 
     a  = softmax(W2 tanh(W1 (sqrt(D) e) + b1) + b2)   # over the D coordinates
     e' = a * e                                        # elementwise
@@ -17,7 +17,7 @@ is made for (FedCLIP feeds the raw, unnormalised embedding). Without it
 tanh(W1 e) is ~sqrt(D) times smaller and, on the tiny model at lr 0.01, the
 adapter moved about 10x slower (needed lr 0.1 for the same train fit).
 
-Initialisation (``adapter-init``):
+Initialisation (``peft.adapter.init``):
 
 - ``"zero-shot"`` (default): W1, b1 PyTorch's default ``nn.Linear`` init drawn
   with the run's seed; W2 = 0, b2 = 0. Then a = 1/D exactly, e' = e / D and,
@@ -38,19 +38,26 @@ phi_g and phi_k start from the same init.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import Clip, zero_shot_text_features
+from ..config import PeftConfig, knob
+from ..models import Clip
+from ..registry import PEFT_VARIANTS
 from .base import PeftVariant
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import RunConfig
-
 ADAPTER_INITS = ("zero-shot", "random")
+
+
+class AdapterConfig(PeftConfig):
+    """FedCLIP attention adapter on the cached image embedding (peft.adapter.*)."""
+
+    init: Literal["zero-shot", "random"] = knob(
+        "zero-shot", "'zero-shot': W2 = 0, starts exactly at zero-shot | 'random': FedCLIP's default init"
+    )
 
 
 class AttentionAdapter(nn.Module):
@@ -69,6 +76,7 @@ class AttentionAdapter(nn.Module):
         return self.attention(e) * e
 
 
+@PEFT_VARIANTS.register("adapter", AdapterConfig)
 class AdapterPeft(PeftVariant):
     """FedCLIP's attention adapter with a global and a private branch."""
 
@@ -86,7 +94,7 @@ class AdapterPeft(PeftVariant):
         if init not in ADAPTER_INITS:
             raise ValueError(f"adapter init {init!r}: choose one of {ADAPTER_INITS}")
         self.logit_scale = float(clip.logit_scale)
-        text = zero_shot_text_features(clip, classnames, template).to(clip.device)
+        text = clip.zero_shot_text(classnames, template).to(clip.device)
         self.register_buffer("text", text, persistent=False)
 
         with torch.random.fork_rng(devices=[]):
@@ -100,10 +108,10 @@ class AdapterPeft(PeftVariant):
 
     @classmethod
     def from_config(
-        cls, clip: Clip, classnames: tuple[str, ...], template: str, cfg: RunConfig
+        cls, clip: Clip, classnames: tuple[str, ...], template: str, options: AdapterConfig, seed: int
     ) -> AdapterPeft:
-        """Knobs ``adapter-init`` and ``seed``; the text side is ``template``."""
-        return cls(clip, classnames, template=template, init=cfg.adapter_init, seed=cfg.seed)
+        """The text side is the dataset's ``template``."""
+        return cls(clip, classnames, template=template, init=options.init, seed=seed)
 
     def branch_embedding(self, branch: nn.Module, image_features: torch.Tensor) -> torch.Tensor:
         return F.normalize(branch(image_features), dim=-1)

@@ -1,6 +1,6 @@
 """The interface every PEFT variant implements: a global branch and a private one.
 
-A variant owns two branches of the same shape (METHOD.md "Notation"):
+A variant owns two branches of the same shape (docs/METHOD.md "Notation"):
 
 - ``phi_g``: the global, shared parameters, trained in Stage 1 and aggregated
   by the server;
@@ -16,8 +16,10 @@ What a batch holds is declared by the variant's :attr:`PeftVariant.inputs`:
   image encoder in the loop (lora).
 
 The frozen CLIP backbone is shared by the two branches and is not part of
-either. A variant is built from the run config by :meth:`PeftVariant.from_config`,
-which reads its own knobs, so that callers need not know them.
+either. A variant registers itself with its own config (a
+:class:`~fedpurel_app.config.PeftConfig`: the ``peft.<name>.*`` keys) and is
+built from it by :meth:`PeftVariant.from_config`; :func:`build_peft` does that
+for a run.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..registry import PEFT_VARIANTS
+
 if TYPE_CHECKING:  # pragma: no cover
-    from ..config import RunConfig
+    from ..config import PeftConfig, RunConfig
     from ..models import Clip
 
 
@@ -47,12 +51,12 @@ class PeftVariant(nn.Module, ABC):
     @classmethod
     @abstractmethod
     def from_config(
-        cls, clip: Clip, classnames: tuple[str, ...], template: str, cfg: RunConfig
+        cls, clip: Clip, classnames: tuple[str, ...], template: str, options: PeftConfig, seed: int
     ) -> PeftVariant:
-        """The variant over ``clip`` for ``classnames``, its own knobs read from ``cfg``.
+        """The variant over ``clip`` for ``classnames`` with its own config ``options``.
 
         ``template`` is the dataset's zero-shot template (``"a photo of a {}."``),
-        for variants with a fixed text side.
+        for variants with a fixed text side; ``seed`` seeds a random init.
         """
 
     #: CLIP's logit scale exp(t), fixed.
@@ -126,3 +130,14 @@ def checked_state(
             )
         tensors[key] = tensor.to(expected[key].dtype)
     return tensors
+
+
+def build_peft(cfg: RunConfig, clip: Clip, classnames: tuple[str, ...], template: str) -> PeftVariant:
+    """The run's PEFT variant (``peft.name``) over ``clip`` for ``classnames``, on the clip's device."""
+    variant = PEFT_VARIANTS.get(cfg.peft.name)
+    return variant.from_config(clip, classnames, template, cfg.peft.options, cfg.seed).to(clip.device)
+
+
+def input_kind(name: str) -> str:
+    """What the registered variant ``name`` consumes: ``"features"`` or ``"pixels"``."""
+    return PEFT_VARIANTS.get(name).inputs

@@ -11,7 +11,7 @@ with ``t`` the frozen zero-shot text features of the dataset's template. The
 image encoder is in the loop, so this variant consumes preprocessed pixels
 (``inputs = "pixels"``), not cached features.
 
-Targets: q, k, v of every vision block (METHOD.md "PEFT variants": lora).
+Targets: q, k, v of every vision block (docs/METHOD.md "PEFT variants").
 open_clip's blocks use ``nn.MultiheadAttention``, whose q, k, v live in one
 packed ``in_proj_weight``; peft's LoRA for that module (target ``"attn"``)
 adapts the packed matrix with ONE low-rank pair shared by q, k and v
@@ -24,7 +24,7 @@ float rounding), and peft's plain ``Linear`` LoRA targets
 ``q_proj,k_proj,v_proj``: one (A: r x D, B: D x r) pair per projection and
 block, as in the reference.
 
-``lora-targets`` is either a comma-separated list of module names, matched as
+``peft.lora.targets`` is either a comma-separated list of module names, matched as
 peft matches a list (a module whose path in the visual tower equals a name or
 ends with ``.name``; e.g. ``"q_proj,v_proj"``, ``"q_proj,k_proj,v_proj,out_proj"``,
 ``"c_fc,c_proj"`` for the MLPs), or ``re:<regex>``, a regex that must match a
@@ -46,18 +46,17 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import Clip, zero_shot_text_features
-from .base import PeftVariant, checked_state
+from pydantic import field_validator
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import RunConfig
+from ..config import PeftConfig, knob
+from ..models import Clip
+from ..registry import PEFT_VARIANTS
+from .base import PeftVariant, checked_state
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj"
 REGEX_PREFIX = "re:"
@@ -85,6 +84,21 @@ def parse_targets(spec: str) -> str | list[str]:
             f"or '{REGEX_PREFIX}<regex>'"
         )
     return names
+
+
+class LoraOptions(PeftConfig):
+    """LoRA on the vision encoder, through the peft library (peft.lora.*)."""
+
+    rank: int = knob(8, "rank r", ge=1)
+    alpha: float = knob(16.0, "alpha; scaling alpha / r (peft) or alpha / sqrt(r) with rslora", gt=0.0)
+    targets: str = knob(DEFAULT_TARGETS, "vision-tower modules: comma-separated names, or 're:<regex>' on full paths")
+    rslora: bool = knob(False, "true: scale by alpha / sqrt(r), as the reference code")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, spec: str) -> str:
+        parse_targets(spec)
+        return spec
 
 
 class SplitQKVAttention(nn.Module):
@@ -193,6 +207,7 @@ class LoraBranch(nn.Module):
         self.lora = nn.ModuleList(modules)
 
 
+@PEFT_VARIANTS.register("lora", LoraOptions)
 class LoraPeft(PeftVariant):
     """LoRA on a private copy of the visual tower, a global and a private adapter."""
 
@@ -216,7 +231,7 @@ class LoraPeft(PeftVariant):
         from peft.tuners.lora import LoraLayer
 
         self.logit_scale = float(clip.logit_scale)
-        text = zero_shot_text_features(clip, classnames, template).to(clip.device)
+        text = clip.zero_shot_text(classnames, template).to(clip.device)
         self.register_buffer("text", text, persistent=False)
 
         tower = copy.deepcopy(clip.model.visual)
@@ -254,7 +269,6 @@ class LoraPeft(PeftVariant):
 
         self.phi_g = branch(self.GLOBAL)
         self.phi_k = branch(self.PRIVATE)
-        self._named = {adapter: self._lora_parameters(model, adapter) for adapter in (self.GLOBAL, self.PRIVATE)}
         for param in self.parameters():
             param.requires_grad_(True)
         # phi_k starts from the same init as phi_g (the reference: one fresh init everywhere).
@@ -262,23 +276,12 @@ class LoraPeft(PeftVariant):
 
     @classmethod
     def from_config(
-        cls, clip: Clip, classnames: tuple[str, ...], template: str, cfg: RunConfig
+        cls, clip: Clip, classnames: tuple[str, ...], template: str, options: LoraOptions, seed: int
     ) -> LoraPeft:
-        """Knobs ``lora-rank``, ``lora-alpha``, ``lora-targets``, ``lora-rslora``, ``seed``."""
         return cls(
-            clip, classnames, template=template, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-            targets=cfg.lora_targets, rslora=cfg.lora_rslora, seed=cfg.seed,
+            clip, classnames, template=template, rank=options.rank, alpha=options.alpha,
+            targets=options.targets, rslora=options.rslora, seed=seed,
         )
-
-    @staticmethod
-    def _lora_parameters(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
-        """An adapter's LoRA parameters under peft's state-dict keys (adapter name removed)."""
-        marker = f".{adapter}."
-        return {
-            name.replace(marker, "."): param
-            for name, param in model.named_parameters()
-            if marker in name and (".lora_A." in name or ".lora_B." in name)
-        }
 
     @property
     def tower(self) -> nn.Module:
@@ -323,8 +326,13 @@ class LoraPeft(PeftVariant):
         self._load_adapter(self.PRIVATE, state, "phi_k")
 
     def _load_adapter(self, adapter: str, state: Mapping[str, torch.Tensor | np.ndarray], what: str) -> None:
-        params = self._named[adapter]
-        tensors = checked_state({key: p.detach() for key, p in params.items()}, state, what)
+        """Check keys and shapes against the adapter's own state, then load with peft's
+        ``set_peft_model_state_dict`` (which puts the adapter's name into the keys)."""
+        from peft import set_peft_model_state_dict
+
+        tensors = checked_state(self._adapter_state(adapter), state, what)
         with torch.no_grad():
-            for key, tensor in tensors.items():
-                params[key].copy_(tensor)
+            result = set_peft_model_state_dict(self.tower, tensors, adapter_name=adapter)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:  # pragma: no cover - checked_state has matched the keys already
+            raise ValueError(f"{what}: peft did not load {sorted(unexpected)}")

@@ -1,8 +1,7 @@
 """CoOp text prompts: ``n_ctx`` learned context vectors shared by all classes.
 
 The class prompt is ``"X X X X {class}."`` whose ``X`` token embeddings are
-replaced by the context vectors of a branch (METHOD.md "PEFT variants":
-prompt). The image encoder is frozen, so a branch maps cached image features
+replaced by the context vectors of a branch (docs/METHOD.md "PEFT variants"). The image encoder is frozen, so a branch maps cached image features
 to logits through the text encoder only:
 
     logits = exp(logit_scale) * norm(img) @ norm(text(ctx)).T
@@ -13,17 +12,20 @@ are truncated to ``max(EOT) + 1``: identical features, far less compute.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import PeftConfig, knob
 from ..models import Clip
+from ..registry import PEFT_VARIANTS
 from .base import PeftVariant
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import RunConfig
+class PromptConfig(PeftConfig):
+    """CoOp prompt: learned context vectors of the text encoder (peft.prompt.*)."""
+
+    n_ctx: int = knob(4, "number of context vectors", ge=1, le=16)
+    ctx_init: str = knob("a photo of a", "phrase whose embeddings initialise the context; '' = N(0, 0.02^2)")
 
 
 class PromptContext(nn.Module):
@@ -39,6 +41,7 @@ def _text_tower(model: nn.Module) -> nn.Module:
     return model.text if hasattr(model, "text") else model
 
 
+@PEFT_VARIANTS.register("prompt", PromptConfig)
 class PromptPeft(PeftVariant):
     """CoOp prompt learning with a global and a private context."""
 
@@ -82,11 +85,11 @@ class PromptPeft(PeftVariant):
 
     @classmethod
     def from_config(
-        cls, clip: Clip, classnames: tuple[str, ...], template: str, cfg: RunConfig
+        cls, clip: Clip, classnames: tuple[str, ...], template: str, options: PromptConfig, seed: int
     ) -> PromptPeft:
-        """Knobs ``n-ctx``, ``ctx-init``, ``seed``. The learned context replaces the
-        dataset's template, so ``template`` is not used (``ctx-init`` plays its part)."""
-        return cls(clip, classnames, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, seed=cfg.seed)
+        """The learned context replaces the dataset's template, so ``template`` is not used
+        (``ctx-init`` plays its part)."""
+        return cls(clip, classnames, n_ctx=options.n_ctx, ctx_init=options.ctx_init, seed=seed)
 
     @staticmethod
     def _initial_context(

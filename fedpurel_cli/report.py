@@ -1,11 +1,10 @@
 """Summarise finished runs: one row per method, mean ± std over seeds; CSV and plots.
 
-    python -m fedpurel_app.report outputs/                  # print the table of every results.json below the folder
-    python -m fedpurel_app.report outputs/compare/runs --write-to outputs/compare
-                                                            # also write results.md, results.csv and the PNG plots
+    fedpurel report outputs/                  # print the table of every results.json below the folder
+    fedpurel report outputs/compare/runs --write-to outputs/compare
+                                              # also write results.md, results.csv and the PNG plots
 
-A method is the run config's ``method`` (for runs made before that key
-existed: its PEFT variant, ``align`` and Stage-2 schedule). The first row is
+A method is the run config's ``method.name``. The first row is
 the frozen zero-shot CLIP that every run measures. A method shows only the
 metrics it reports (``method.reports`` in results.json: ``gm`` and/or ``pm``;
 both when absent), the others are "–". Accuracies are in percent. Runs of a
@@ -29,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .methods import METHODS as _REGISTRY
+from fedpurel_app.registry import METHODS as _REGISTRY
 
 # Every method of the comparison, in the order of table rows and plot legends: the registry's.
-METHODS = tuple(_REGISTRY)
+METHODS = _REGISTRY.names()
 ZERO_SHOT_ROW = "zero-shot CLIP"
 MISSING = "–"
 MARKDOWN_FILE, CSV_FILE = "results.md", "results.csv"
@@ -103,15 +102,8 @@ def load_runs(folder: Path) -> list[dict]:
 
 
 def method_name(config: dict) -> str:
-    """The method a run config names: its ``method``, or for older runs PEFT variant, align and schedule."""
-    if config.get("method"):
-        return str(config["method"])
-    if "align" not in config:
-        return "unknown method"
-    align = {"tkl": "fedpurel (tkl)", "kl": "fedpurel-kl", "none": "promptfl (no align)"}.get(
-        config["align"], f"align {config['align']}"
-    )
-    return f"{align}, {config.get('peft')}, {config.get('personalization')}"
+    """The method a run config (flat, as in results.json) names."""
+    return str(config.get("method.name") or "unknown method")
 
 
 def run_method(run: dict) -> str:
@@ -267,7 +259,7 @@ def write_report(runs: list[dict], folder: Path) -> list[Path]:
     """Write results.md, results.csv and the PNG plots of ``runs`` into ``folder``; return the paths.
 
     The markdown and CSV are written first; without matplotlib the plots raise
-    :class:`fedpurel_app.plots.PlotsUnavailable` after that.
+    :class:`fedpurel_cli.plots.PlotsUnavailable` after that.
     """
     from .plots import PLOT_FILES, write_plots
 
@@ -280,7 +272,7 @@ def write_report(runs: list[dict], folder: Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedpurel_app.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="fedpurel report", description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="folder with run folders (every results.json below it is read)")
     parser.add_argument("--write-to", metavar="FOLDER", help="also write results.md, results.csv and plots there")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Run methods x seeds on one config, one job after another, then write the comparison report.
 
-    python -m fedpurel_app.compare                       # all methods, seeds 0,1,2 -> outputs/compare
-    python -m fedpurel_app.compare --methods fedpurel,promptfl --seeds 0,1 configs/x.toml "num-rounds=10"
+    fedpurel compare                       # all methods, seeds 0,1,2 -> outputs/compare
+    fedpurel compare --methods fedpurel,promptfl --seeds 0,1 configs/x.toml "train.rounds=10"
 
 Each job runs ``bash scripts/run.sh <presets and overrides> "method='<m>' seed=<k>"``
 with ``OUTPUT_DIR=<out>/runs/<m>/seed<k>``. Next to the run folder that
@@ -12,7 +12,7 @@ the same method and seed, made with the same overrides and presets, is
 skipped; otherwise any run folder in it is moved to ``<out>/stale/`` (never
 deleted) and the job runs again. After the jobs, ``<out>/results.md``,
 ``results.csv`` and the plots are written from every complete run under
-``<out>/runs/`` (see :mod:`fedpurel_app.report`).
+``<out>/runs/`` (see :mod:`fedpurel_cli.report`).
 
 ``FEDPUREL_RUN_COMMAND`` (or :func:`main`'s ``run_command``) replaces
 ``bash scripts/run.sh``. Exit status: 0 when every job is complete, 1 when a
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .overrides import merge
 from .report import METHODS, METRIC, load_runs, metric_value, run_method, write_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ DEFAULT_SEEDS = "0,1,2"
 DEFAULT_OUT = "outputs/compare"
 RUN_COMMAND_ENV = "FEDPUREL_RUN_COMMAND"
 JOB_FILE, LOG_FILE, RESULTS_FILE = "job.json", "run.log", "results.json"
-RESERVED_KEYS = ("method", "seed")  # set by the runner for each job
+RESERVED_KEYS = ("method.name", "seed")  # set by the runner for each job
 STOP_GRACE_S = 60.0  # how long an interrupted job may take to stop (run.sh stops its SuperLink)
 
 
@@ -65,7 +65,7 @@ class Job:
 
     def run_args(self, overrides: Sequence[str]) -> list[str]:
         """Arguments for run.sh: the shared presets and overrides, then this job's method and seed."""
-        return [*overrides, f"method='{self.method}' seed={self.seed}"]
+        return [*overrides, f"method.name='{self.method}' seed={self.seed}"]
 
 
 @dataclass(frozen=True)
@@ -107,14 +107,6 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(seeds)
 
 
-def _overrides_module():
-    """scripts/overrides.py, which run.sh uses to merge presets and key=value strings."""
-    spec = importlib.util.spec_from_file_location("fedpurel_overrides", REPO / "scripts" / "overrides.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def preset_digests(overrides: Sequence[str]) -> dict[str, str]:
     """SHA-256 of each preset (.toml argument), resolved against the repository as run.sh does."""
     digests = {}
@@ -129,7 +121,6 @@ def preset_digests(overrides: Sequence[str]) -> dict[str, str]:
 
 def check_overrides(overrides: Sequence[str]) -> None:
     """Key=value strings must parse as run.sh parses them and must not set the runner's own keys."""
-    merge = _overrides_module().merge
     for arg in overrides:
         if arg.endswith(".toml"):
             continue
@@ -141,7 +132,7 @@ def check_overrides(overrides: Sequence[str]) -> None:
             raise UsageError(f"override {arg!r} holds no key=value pair")
         for key in RESERVED_KEYS:
             if key in keys:
-                raise UsageError(f"override {arg!r} sets {key!r}: use --{key}s instead")
+                raise UsageError(f"override {arg!r} sets {key!r}: use --{key.split('.')[0]}s instead")
 
 
 def run_command_from_env() -> list[str]:
@@ -175,9 +166,9 @@ def result_problem(results: dict | None, job: Job) -> str | None:
         return "no readable results.json"
     if not results.get("final"):
         return "results.json has no final metrics (the run did not finish)"
-    named = (results.get("method") or {}).get("name") or results.get("config", {}).get("method")
+    named = (results.get("method") or {}).get("name") or results.get("config", {}).get("method.name")
     if not named:
-        return "results.json names no method (does the run config know the key 'method'?)"
+        return "results.json names no method (does the run config know the key 'method.name'?)"
     if run_method(results) != job.method:
         return f"results.json is a run of {run_method(results)!r}"
     if results.get("config", {}).get("seed") != job.seed:
@@ -338,7 +329,7 @@ def write_comparison_report(out: Path, overrides: Sequence[str], presets: dict[s
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The command line: --methods, --seeds, --out and run.sh's presets and overrides."""
     parser = argparse.ArgumentParser(
-        prog="python -m fedpurel_app.compare",
+        prog="fedpurel compare",
         description="Run methods x seeds with scripts/run.sh (resumable), then write results.md, "
         "results.csv and plots into --out.",
     )

@@ -7,13 +7,12 @@ FAB ships, read from `fab-include` in `pyproject.toml` (folders `name/**` and
 root files `/name`), and `pyproject.toml`, so the FAB built from it is byte for
 byte the one `flwr run .` builds, in a fraction of a second.
 
-    python scripts/stage_app.py DEST    # DEST must not exist yet
+    fedpurel stage DEST    # DEST must not exist yet
 """
 
 from __future__ import annotations
 
 import shutil
-import sys
 import tomllib
 from pathlib import Path
 
@@ -29,7 +28,7 @@ def stage(dest: Path) -> Path:
     for pattern in patterns:
         name = pattern.lstrip("/").removesuffix("/**")
         if any(c in name for c in "*?[") or not (ROOT / name).exists():
-            raise SystemExit(f"stage_app: fab-include pattern {pattern!r} is not a folder/** or a /file of this app")
+            raise SystemExit(f"stage: fab-include pattern {pattern!r} is not a folder/** or a /file of this app")
         if name != pattern.lstrip("/"):
             shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
@@ -37,10 +36,11 @@ def stage(dest: Path) -> Path:
     return dest
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python scripts/stage_app.py DEST")
-    dest = Path(sys.argv[1])
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        raise SystemExit("usage: fedpurel stage DEST")
+    dest = Path(argv[0])
     if dest.exists():
-        raise SystemExit(f"stage_app: {dest} already exists; give a folder that does not exist yet")
+        raise SystemExit(f"stage: {dest} already exists; give a folder that does not exist yet")
     print(stage(dest))
+    return 0

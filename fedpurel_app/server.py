@@ -1,0 +1,152 @@
+"""The server's side of a run, apart from moving messages: model, plan, evaluation, results.
+
+The ServerApp makes one :class:`ServerRun`, then executes ``run.plan`` step
+by step: it sends the step's messages, hands the replies' contents to
+:meth:`ServerRun.record` and calls :meth:`ServerRun.checkpoint`. A run
+started with ``resume-from`` continues the killed run's folder after its
+last completed step (:attr:`ServerRun.done`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import RunConfig, fingerprint
+from .data.client import class_counts, global_test
+from .inputs import FeatureSet, clip_of, feature_cache_dir, feature_set
+from .methods.base import build_method
+from .metrics import gm_summary, pm_summary
+from .peft.base import build_peft, input_kind
+from .plan import Step
+from .protocol import Evaluation
+from .results import RunRecorder, new_run_dir
+from .tkl import temperature_aligned_kl
+from .training import autocast, resolve_precision
+
+
+def pm_metrics(cfg: RunConfig, counts: np.ndarray, evaluations: Sequence[Evaluation]) -> dict[str, Any] | None:
+    """PM metrics pooled over the clients' evaluations: personalized, global-only and zero-shot."""
+    if not evaluations:
+        return None
+    many, few = cfg.data.many_threshold, cfg.data.few_threshold
+
+    def summary(field: str) -> dict[str, Any]:
+        return pm_summary([(getattr(e, field), e.class_total) for e in evaluations], counts, many, few)
+
+    result = summary("pm_correct")
+    result["global"] = {k: v for k, v in summary("gm_correct").items() if k in ("all", "all_weighted", "few")}
+    result["zero_shot"] = summary("zs_correct")
+    result["personalized"] = all(e.personalized for e in evaluations)
+    result["personalized_clients"] = sum(int(e.personalized) for e in evaluations)
+    return result
+
+
+class ServerRun:
+    """Everything the server holds for one run: the model, the test set, the plan and the results."""
+
+    def __init__(self, cfg: RunConfig, app_dir: Path) -> None:
+        self.cfg = cfg
+        clip = clip_of(cfg.model, cfg.data)
+        data = global_test(cfg.data)
+        self.precision = resolve_precision(cfg.model.precision, clip.device)
+        self.peft = build_peft(cfg, clip, data.classnames, data.template)
+        self.test: FeatureSet = feature_set(
+            clip, input_kind(cfg.peft.name), data.test, data.test_identity, data.classnames, data.template,
+            feature_cache_dir(cfg.model),
+        )
+        self.counts = class_counts(cfg.data, cfg.seed)
+        self.method = build_method(cfg, self.counts)
+        self.plan = self.method.plan()
+        self.phi_g = self.peft.global_state()
+        self.config_key = fingerprint(cfg, "checkpoint")
+        #: The index of the last completed step (-1: none yet).
+        self.done = -1
+        if cfg.resume_from:
+            run_dir = Path(cfg.resume_from).expanduser()
+            run_dir = run_dir if run_dir.is_absolute() else (app_dir / run_dir).resolve()
+            shapes = {k: tuple(v.shape) for k, v in self.phi_g.items()}
+            resumed = load_checkpoint(run_dir, self.config_key, shapes)
+            self.done, self.phi_g = resumed.step, resumed.phi_g
+            self.recorder = RunRecorder(run_dir, resumed.results["config"])
+            self.recorder.data = resumed.results
+            rounds = self.recorder.data["rounds"]
+            self.recorder.started -= rounds[-1]["wall_time"] if rounds else 0.0
+            self.recorder.data.setdefault("resumed_after_rounds", []).append(resumed.round)
+            self.resumed_phase = resumed.phase
+        else:
+            label = f"{cfg.method.name}-{cfg.peft.name}-seed{cfg.seed}"
+            self.recorder = RunRecorder(new_run_dir(cfg.resolved_output_dir(app_dir), label), cfg.to_flower())
+            self.recorder.data["method"] = {"name": cfg.method.name, "reports": list(self.method.reports)}
+            self.recorder.data["class_counts"] = [int(c) for c in self.counts]
+            self.resumed_phase = ""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.recorder.run_dir
+
+    @property
+    def tag(self) -> str:
+        """The run's name for its nodes (their state folders of this run): the run folder's name."""
+        return self.run_dir.name
+
+    def class_counts_for_messages(self) -> tuple[int, ...] | None:
+        """The global class counts, for a method that needs the prior in its messages."""
+        return tuple(int(c) for c in self.counts) if self.method.needs_prior else None
+
+    # --- evaluation ------------------------------------------------------------------------
+
+    def evaluate_gm(self) -> dict[str, Any]:
+        """GM metrics of phi_g on the balanced test set, plus TKL(z || l_G) there."""
+        cfg, test = self.cfg, self.test
+        self.peft.load_global_state(self.phi_g)
+        with torch.no_grad(), autocast(test.features.device, self.precision):
+            logits = self.peft.global_logits(test.features).float()
+        with torch.no_grad():
+            divergence = temperature_aligned_kl(
+                logits, test.zero_shot_logits, tau_min=cfg.tkl.tau_min, tau_max=cfg.tkl.tau_max, tol=cfg.tkl.tol,
+                max_iter=cfg.tkl.max_iter,
+            )
+        preds = logits.argmax(dim=-1).cpu().numpy()
+        summary = gm_summary(preds, test.labels.cpu().numpy(), self.counts, cfg.data.many_threshold,
+                             cfg.data.few_threshold)
+        summary["tkl_to_zero_shot"] = float(divergence)
+        return summary
+
+    def evaluate_zero_shot(self) -> dict[str, Any]:
+        """GM metrics of the frozen zero-shot CLIP on the balanced test set."""
+        preds = self.test.zero_shot_logits.argmax(dim=-1).cpu().numpy()
+        return gm_summary(preds, self.test.labels.cpu().numpy(), self.counts, self.cfg.data.many_threshold,
+                          self.cfg.data.few_threshold)
+
+    def pm(self, evaluations: Sequence[Evaluation]) -> dict[str, Any] | None:
+        return pm_metrics(self.cfg, self.counts, evaluations)
+
+    # --- results ---------------------------------------------------------------------------
+
+    def record(self, step: Step, gm: dict | None = None, pm: dict | None = None, train: dict | None = None) -> None:
+        """Record one executed step in results.json."""
+        if step.phase == "zero-shot":
+            self.recorder.zero_shot(self.evaluate_zero_shot(), pm and pm["zero_shot"])
+        else:
+            self.recorder.add_round(step.round, step.phase, gm=gm, pm=pm, train=train)
+
+    def checkpoint(self, index: int, step: Step) -> None:
+        """The state after step ``index``: what a resumed run starts from."""
+        save_checkpoint(self.run_dir, index, step.round, step.phase, self.phi_g, self.config_key, self.recorder.data)
+        self.done = index
+
+    def finish(self) -> None:
+        """A plan without any round reports its zero-shot model as final; then results.json and phi_g."""
+        if not self.recorder.data["rounds"]:
+            zero_shot = self.recorder.data["zero_shot"]
+            self.recorder.add_round(0, "final", gm=zero_shot["gm"], pm=zero_shot.get("pm"))
+        self.recorder.finish(self.phi_g)
+
+
+__all__ = ["ServerRun", "pm_metrics"]
