@@ -47,11 +47,10 @@ class ContextMemory:
     PREFIX = "fedpurel."
 
     def __init__(self, context: Context) -> None:
-        self.records = context.state.array_records
-        self.state = context.state
+        self.state = context.state  # read afresh every time: array_records is a snapshot
 
     def get(self, name: str) -> dict[str, torch.Tensor] | None:
-        record = self.records.get(self.PREFIX + name)
+        record = self.state.array_records.get(self.PREFIX + name)
         return None if record is None else record.to_torch_state_dict()
 
     def put(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -61,7 +60,7 @@ class ContextMemory:
         del self.state[self.PREFIX + name]
 
     def names(self) -> Iterable[str]:
-        return [key.removeprefix(self.PREFIX) for key in self.records if key.startswith(self.PREFIX)]
+        return [key.removeprefix(self.PREFIX) for key in self.state.array_records if key.startswith(self.PREFIX)]
 
 
 def _client(msg: Message, context: Context) -> Client:

@@ -57,6 +57,19 @@ class Memory(Protocol):
     def names(self) -> Iterable[str]: ...
 
 
+class DictMemory(dict):
+    """A :class:`Memory` in a plain dict: a node's state in an in-process loop or a test."""
+
+    def put(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        self[name] = {key: value.detach().cpu().clone() for key, value in tensors.items()}
+
+    def drop(self, name: str) -> None:
+        self.pop(name, None)
+
+    def names(self) -> Iterable[str]:
+        return list(self)
+
+
 def node_state_dir(cfg: RunConfig, node: NodeConfig, run: str) -> str:
     """The node's state folder: its ``state-dir``, else this run's folder for it in the cache
     ('' when neither is known)."""
@@ -240,4 +253,4 @@ class Client:
         )
 
 
-__all__ = ["METHOD_STATE", "PHI_K", "Client", "ClientData", "Memory", "node_state_dir"]
+__all__ = ["METHOD_STATE", "PHI_K", "Client", "ClientData", "DictMemory", "Memory", "node_state_dir"]

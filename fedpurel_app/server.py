@@ -9,6 +9,7 @@ last completed step (:attr:`ServerRun.done`).
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,8 @@ class ServerRun:
             self.recorder = RunRecorder(new_run_dir(cfg.resolved_output_dir(app_dir), label), cfg.to_flower())
             self.recorder.data["method"] = {"name": cfg.method.name, "reports": list(self.method.reports)}
             self.recorder.data["class_counts"] = [int(c) for c in self.counts]
+            # Names the run for its nodes; kept through resume (it is in the checkpointed results).
+            self.recorder.data["run"] = f"{self.run_dir.name}-{secrets.token_hex(4)}"
             self.resumed_phase = ""
 
     @property
@@ -92,8 +95,9 @@ class ServerRun:
 
     @property
     def tag(self) -> str:
-        """The run's name for its nodes (their state folders of this run): the run folder's name."""
-        return self.run_dir.name
+        """The run's name for its nodes (their state folders of this run): the run folder's name
+        and a random suffix, drawn once per run and kept through resume."""
+        return self.recorder.data.get("run") or self.run_dir.name
 
     def class_counts_for_messages(self) -> tuple[int, ...] | None:
         """The global class counts, for a method that needs the prior in its messages."""

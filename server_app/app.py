@@ -45,8 +45,7 @@ class _UserErrorsWithoutTraceback(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], UserError):
-            record.msg = "%s (see the FedPuReL message above)"
-            record.args = (str(record.getMessage()),)
+            record.msg, record.args = "%s (see the FedPuReL message above)", (record.getMessage(),)
             record.exc_info, record.exc_text = None, None
         return True
 
