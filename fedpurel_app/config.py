@@ -36,6 +36,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -47,6 +48,13 @@ from .registry import DATASETS, METHODS, PEFT_VARIANTS, Registry
 
 Role = Literal["identity", "training", "operational"]
 ROLES: tuple[Role, ...] = ("identity", "training", "operational")
+
+
+def default_cache_dir() -> Path:
+    """Where checkpoints, features and simulated nodes' state live by default: $FEDPUREL_CACHE,
+    else ~/.cache/fedpurel."""
+    env = os.environ.get("FEDPUREL_CACHE")
+    return Path(env).expanduser() if env else Path("~/.cache/fedpurel").expanduser()
 
 
 def _kebab(name: str) -> str:
@@ -185,6 +193,17 @@ class TklConfig(Section):
         return self
 
 
+class TrackConfig(Section):
+    """What a run writes besides results.json as it goes: TensorBoard events, MLflow (fedpurel_app/tracking.py)."""
+
+    tensorboard: bool = knob(True, "TensorBoard event files in <run dir>/tensorboard", role="operational")
+    image_every: int = knob(
+        10, "the per-class accuracy image every this many rounds (and the last)", role="operational", ge=1
+    )
+    mlflow: bool = knob(False, "also log to a local MLflow store (needs mlflow-skinny)", role="operational")
+    mlflow_uri: str = knob("", "the MLflow store; '' = <output-dir>/mlruns", role="operational")
+
+
 class ComponentSection(Section):
     """``name`` selects a registered part; one field per part holds that part's config."""
 
@@ -224,6 +243,7 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     personalize: PersonalizeConfig = PersonalizeConfig()
     tkl: TklConfig = TklConfig()
+    track: TrackConfig = TrackConfig()
 
     def to_flower(self) -> dict[str, Any]:
         """The config as Flower's flat mapping with dotted kebab-case keys."""
@@ -255,6 +275,8 @@ _MODEL_CACHE: dict[tuple[int, int, int], type[RunConfig]] = {}
 
 def run_config_model() -> type[RunConfig]:
     """The run config's model for the parts registered now (cached until a registry changes)."""
+    for registry in (PEFT_VARIANTS, METHODS, DATASETS):
+        registry.entries()  # the built-in parts register themselves on first use
     key = (PEFT_VARIANTS.version, METHODS.version, DATASETS.version)
     model = _MODEL_CACHE.get(key)
     if model is None:
@@ -507,6 +529,7 @@ __all__ = [
     "PersonalizeConfig",
     "RunConfig",
     "TklConfig",
+    "TrackConfig",
     "TrainConfig",
     "default_run_config",
     "fingerprint",

@@ -6,10 +6,10 @@ under the name the run config selects it by and with its own config model::
     @PEFT_VARIANTS.register("prompt", PromptConfig)
     class PromptPeft(PeftVariant): ...
 
-Each registry knows the modules of the built-in parts (one line per part,
-below) and imports them the first time it is asked for its contents, so that
-reading the registry's names, or the run config's schema, never needs a
-caller to import every part first. A part of one's own (a test's toy variant,
+Each registry knows the names of the built-in parts and their modules (one
+line per part, below): their names are known without importing anything, and
+a part's module is imported the first time the part itself (or the run
+config's schema, which holds every part's config) is asked for. A part of one's own (a test's toy variant,
 a user's method) registers the same way, from any module that is imported
 before the run config is parsed.
 
@@ -47,9 +47,9 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """Name -> :class:`Entry`, filled by :meth:`register` and the built-in modules."""
 
-    def __init__(self, kind: str, builtins: tuple[str, ...]) -> None:
+    def __init__(self, kind: str, builtins: dict[str, str]) -> None:
         self.kind = kind
-        self._builtins = builtins
+        self._builtins = dict(builtins)  # name -> the module that registers it
         self._entries: dict[str, Entry[T]] = {}
         self._loaded = False
         self._lock = threading.RLock()
@@ -73,74 +73,74 @@ class Registry(Generic[T]):
         return add
 
     def unregister(self, name: str) -> None:
-        """Remove ``name`` (for tests that register a part of their own)."""
+        """Remove ``name`` (for tests that register a part of their own; not a built-in)."""
+        if name in self._builtins:
+            raise ValueError(f"{self.kind} {name!r} is built in")
         with self._lock:
             if self._entries.pop(name, None) is not None:
                 self.version += 1
 
-    def _load(self) -> None:
-        if self._loaded:
+    def _load(self, name: str | None = None) -> None:
+        """Import the module of the built-in ``name`` (of every built-in when None)."""
+        if self._loaded or (name is not None and (name in self._entries or name not in self._builtins)):
             return
         with self._lock:
-            if not self._loaded:
-                for module in self._builtins:
-                    importlib.import_module(module)
+            for module in sorted(set(self._builtins.values()) if name is None else {self._builtins[name]}):
+                importlib.import_module(module)
+            if name is None:
                 self._loaded = True
 
     def entries(self) -> tuple[Entry[T], ...]:
-        """Every registered part, built-ins first, in registration order."""
+        """Every part: the built-ins in the order of their lines below, then the others as registered."""
         self._load()
-        return tuple(self._entries.values())
+        return tuple(self._entries[name] for name in self.names())
 
     def names(self) -> tuple[str, ...]:
-        return tuple(entry.name for entry in self.entries())
+        """Every part's name, without importing any (built-ins first)."""
+        return (*self._builtins, *(name for name in self._entries if name not in self._builtins))
 
     def __contains__(self, name: object) -> bool:
-        self._load()
-        return name in self._entries
+        return name in self._builtins or name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __getitem__(self, name: str) -> Entry[T]:
-        self._load()
+        self._load(name)
         try:
             return self._entries[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; choose one of {sorted(self._entries)}") from None
+            raise KeyError(f"unknown {self.kind} {name!r}; choose one of {sorted(self.names())}") from None
 
     def get(self, name: str) -> Any:
         """What implements ``name``."""
         return self[name].impl
 
 
-# The built-in parts: one module each. A new one is its module plus one line here.
-PEFT_VARIANTS: Registry[Any] = Registry(
-    "PEFT variant",
-    (
-        "fedpurel_app.peft.prompt",
-        "fedpurel_app.peft.adapter",
-        "fedpurel_app.peft.lora",
-    ),
-)
-METHODS: Registry[Any] = Registry(
-    "method",
-    (
-        "fedpurel_app.methods.promptfl",
-        "fedpurel_app.methods.logit_adjustment",
-        "fedpurel_app.methods.fedpurel",
-        "fedpurel_app.methods.finetune",
-        "fedpurel_app.methods.promptfolio",
-        "fedpurel_app.methods.fedgrab",
-    ),
-)
-DATASETS: Registry[Any] = Registry(
-    "dataset",
-    (
-        "fedpurel_app.data.embedded",
-        "fedpurel_app.data.cifar",
-        "fedpurel_app.data.folder",
-    ),
-)
+# The built-in parts: name -> the module that registers it. A new part is its module plus one line here.
+PEFT_VARIANTS: Registry[Any] = Registry("PEFT variant", {
+    "prompt": "fedpurel_app.peft.prompt",
+    "adapter": "fedpurel_app.peft.adapter",
+    "lora": "fedpurel_app.peft.lora",
+})
+METHODS: Registry[Any] = Registry("method", {
+    "zero-shot": "fedpurel_app.methods.promptfl",
+    "promptfl": "fedpurel_app.methods.promptfl",
+    "promptfl-la": "fedpurel_app.methods.logit_adjustment",
+    "fedpurel-kl": "fedpurel_app.methods.fedpurel",
+    "fedpurel": "fedpurel_app.methods.fedpurel",
+    "pft": "fedpurel_app.methods.finetune",
+    "lp-ft": "fedpurel_app.methods.finetune",
+    "promptfolio": "fedpurel_app.methods.promptfolio",
+    "fed-grab": "fedpurel_app.methods.fedgrab",
+})
+DATASETS: Registry[Any] = Registry("dataset", {
+    "mnist": "fedpurel_app.data.embedded",
+    "mnist-animals": "fedpurel_app.data.embedded",
+    "cifar10-lt": "fedpurel_app.data.cifar",
+    "cifar100-lt": "fedpurel_app.data.cifar",
+    "imagenet-lt": "fedpurel_app.data.folder",
+    "places-lt": "fedpurel_app.data.folder",
+})
 
 __all__ = ["DATASETS", "METHODS", "PEFT_VARIANTS", "Entry", "Registry"]

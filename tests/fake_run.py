@@ -1,6 +1,6 @@
-"""A stand-in for scripts/run.sh in the tests of fedpurel_app.compare: writes a results.json, trains nothing.
+"""A stand-in for scripts/run.sh in the tests of fedpurel_cli.compare: writes a results.json, trains nothing.
 
-Takes run.sh's arguments (the last one is the runner's "method='<m>' seed=<k>") and
+Takes run.sh's arguments (the last one is the runner's "method.name='<m>' seed=<k>") and
 writes ``$OUTPUT_DIR/<n>-fake-<m>-seed<k>/results.json`` with accuracies that
 depend on the method and seed. Environment:
 
@@ -29,7 +29,8 @@ def fake_results(method: str, seed: int, args: list[str]) -> dict:
     rounds = [{"round": r, "phase": "global", "gm": gm, "train": train, "wall_time": float(r)} for r in (1, 2)]
     rounds.append({"round": 3, "phase": "personal", "pm": pm, "wall_time": 3.0})
     return {
-        "config": {"method": method, "seed": seed, "args": args},
+        # results.json's config is cfg.to_flower(): flat dotted keys ("args" is the fake's own record)
+        "config": {"method.name": method, "seed": seed, "args": args},
         "method": {"name": method, "reports": REPORTS.get(method, ["gm", "pm"])},
         "class_counts": COUNTS,
         "zero_shot": {"gm": {**gm, "all": 0.5, "per_class": [0.5] * 4}, "pm": {**pm, "all": 0.55}},
@@ -39,8 +40,8 @@ def fake_results(method: str, seed: int, args: list[str]) -> dict:
 
 
 def main(args: list[str]) -> int:
-    method = re.search(r"method='([^']*)'", args[-1]).group(1)
-    seed = int(re.search(r"seed=(\d+)", args[-1]).group(1))
+    method = re.search(r"(?:^| )method\.name='([^']*)'", args[-1]).group(1)
+    seed = int(re.search(r"(?:^| )seed=(\d+)", args[-1]).group(1))
     if os.environ.get("FAKE_RUN_LOG"):
         with open(os.environ["FAKE_RUN_LOG"], "a") as log:
             log.write(json.dumps(args) + "\n")

@@ -13,8 +13,9 @@ import pytest
 import torchvision.datasets.cifar as tv_cifar
 import torchvision.datasets.utils as tv_utils
 
-from fedpurel_app.data import DATASETS, ImageSplit, Split, build_fedlt, load_dataset
-from fedpurel_app.data import cifar
+from fedpurel_app.data import DATASETS, ImageSplit, Split, cifar, load_dataset
+from fedpurel_app.data.fedlt import build_fedlt
+from fedpurel_app.errors import DataError, UserError
 
 C10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 C100_NAMES = [f"name_{i}" if i % 2 else f"class{i}" for i in range(100)]
@@ -107,6 +108,8 @@ def no_network(monkeypatch):
 
 def test_registered():
     assert {"cifar10-lt", "cifar100-lt"} <= set(DATASETS)
+    assert DATASETS.get("cifar10-lt") is cifar.load_cifar10_lt
+    assert DATASETS.get("cifar100-lt") is cifar.load_cifar100_lt
 
 
 def test_cifar10_round_trip(tmp_path, no_md5, no_network):
@@ -154,7 +157,7 @@ def test_missing_folder_no_download(tmp_path, no_md5, no_network):
         with pytest.raises(FileNotFoundError) as e:
             load_dataset(name, str(tmp_path))
         msg = str(e.value)
-        assert isinstance(e.value, cifar.CifarNotFoundError)
+        assert isinstance(e.value, cifar.CifarNotFoundError) and isinstance(e.value, UserError)
         assert os.path.join(str(tmp_path), folder) in msg
         assert f"<data-root>/{folder}/" in msg and some_file in msg
         assert "FEDPUREL_ALLOW_DOWNLOAD=1" in msg and "extracted" in msg
@@ -170,13 +173,13 @@ def test_partially_missing_names_files(tmp_path, no_md5, no_network):
 
 @pytest.mark.parametrize("root", [None, "", "  "])
 def test_empty_root(root, no_network):
-    with pytest.raises(ValueError, match="set data-root"):
+    with pytest.raises(DataError, match="set data.root in the run config"):
         load_dataset("cifar100-lt", root)
 
 
 def test_md5_failure_is_explained(tmp_path, no_network):
     make_cifar10(tmp_path)  # fabricated files: the real MD5 check fails
-    with pytest.raises(RuntimeError, match="fail torchvision's MD5 check"):
+    with pytest.raises(DataError, match="fail torchvision's MD5 check"):
         load_dataset("cifar10-lt", str(tmp_path))
 
 

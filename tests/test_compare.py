@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fedpurel_app import compare
-from fedpurel_app.plots import PLOT_FILES
-from fedpurel_app.report import load_runs, main as report_main, table, write_report
+from fedpurel_cli import compare
+from fedpurel_cli.plots import PLOT_FILES
+from fedpurel_cli.report import load_runs, table, write_report
+from fedpurel_cli.report import main as report_main
 
 FAKE_RUN = [sys.executable, str(Path(__file__).with_name("fake_run.py"))]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -43,9 +44,11 @@ def compare_main(out: Path, *args: str) -> int:
 
 def test_runs_every_job_in_its_folder_and_writes_the_report(tmp_path, fake_log, capsys):
     out = tmp_path / "cmp"
-    assert compare_main(out, "--methods", "promptfl,fedpurel", "--seeds", "0,1", "num-rounds=3") == 0
+    assert compare_main(out, "--methods", "promptfl,fedpurel", "--seeds", "0,1", "train.rounds=3") == 0
     assert calls(fake_log) == [
-        ["num-rounds=3", f"method='{method}' seed={seed}"] for method in ("promptfl", "fedpurel") for seed in (0, 1)
+        ["train.rounds=3", f"method.name='{method}' seed={seed}"]
+        for method in ("promptfl", "fedpurel")
+        for seed in (0, 1)
     ]
     lines = job_lines(capsys.readouterr().out)
     assert len(lines) == 4 and all(" done " in line for line in lines)
@@ -56,7 +59,7 @@ def test_runs_every_job_in_its_folder_and_writes_the_report(tmp_path, fake_log, 
             (run_dir,) = [p for p in job_dir.iterdir() if p.is_dir()]
             assert json.loads((run_dir / "results.json").read_text())["config"]["seed"] == seed
             record = json.loads((job_dir / "job.json").read_text())
-            assert (record["method"], record["seed"], record["overrides"]) == (method, seed, ["num-rounds=3"])
+            assert (record["method"], record["seed"], record["overrides"]) == (method, seed, ["train.rounds=3"])
             assert record["returncode"] == 0 and record["wall_time"] >= 0
             assert "fake run of" in (job_dir / "run.log").read_text()
     for name in ("results.md", "results.csv", *PLOT_FILES):
@@ -66,7 +69,7 @@ def test_runs_every_job_in_its_folder_and_writes_the_report(tmp_path, fake_log, 
 def test_the_run_command_comes_from_the_environment(tmp_path, fake_log, monkeypatch):
     monkeypatch.setenv("FEDPUREL_RUN_COMMAND", shlex.join(FAKE_RUN))
     assert compare.main(["--out", str(tmp_path / "cmp"), "--methods", "pft", "--seeds", "3"]) == 0
-    assert calls(fake_log) == [["method='pft' seed=3"]]
+    assert calls(fake_log) == [["method.name='pft' seed=3"]]
 
 
 def test_resume_skips_complete_jobs_and_reruns_an_unfinished_one(tmp_path, fake_log, capsys):
@@ -81,7 +84,7 @@ def test_resume_skips_complete_jobs_and_reruns_an_unfinished_one(tmp_path, fake_
     capsys.readouterr()
 
     assert compare_main(out, *args) == 0
-    assert calls(fake_log) == [["method='fedpurel' seed=1"]]
+    assert calls(fake_log) == [["method.name='fedpurel' seed=1"]]
     lines = job_lines(capsys.readouterr().out)
     assert [line.split()[4] for line in lines] == ["skipped", "skipped", "skipped", "done"]
     assert "GM All  58.0" in lines[0], "a skipped job still shows its accuracies"
@@ -95,13 +98,13 @@ def test_resume_skips_complete_jobs_and_reruns_an_unfinished_one(tmp_path, fake_
 
 def test_other_overrides_rerun_every_job_and_keep_the_old_results_aside(tmp_path, fake_log):
     out = tmp_path / "cmp"
-    assert compare_main(out, "--methods", "lp-ft", "--seeds", "0,1", "num-rounds=3") == 0
-    assert compare_main(out, "--methods", "lp-ft", "--seeds", "0,1", "num-rounds=4") == 0
-    assert [c[0] for c in calls(fake_log)] == ["num-rounds=3"] * 2 + ["num-rounds=4"] * 2
+    assert compare_main(out, "--methods", "lp-ft", "--seeds", "0,1", "train.rounds=3") == 0
+    assert compare_main(out, "--methods", "lp-ft", "--seeds", "0,1", "train.rounds=4") == 0
+    assert [c[0] for c in calls(fake_log)] == ["train.rounds=3"] * 2 + ["train.rounds=4"] * 2
     stale = [json.loads(p.read_text()) for p in (out / "stale").rglob("results.json")]
     assert sorted(r["config"]["seed"] for r in stale) == [0, 1] and all(r["final"] for r in stale)
     current = [json.loads(p.read_text()) for p in (out / "runs").rglob("results.json")]
-    assert [r["config"]["args"][0] for r in current] == ["num-rounds=4"] * 2
+    assert [r["config"]["args"][0] for r in current] == ["train.rounds=4"] * 2
 
 
 def test_a_failing_job_is_reported_and_the_others_run(tmp_path, fake_log, monkeypatch, capsys):
@@ -121,7 +124,7 @@ def test_a_failing_job_is_reported_and_the_others_run(tmp_path, fake_log, monkey
     monkeypatch.delenv("FAKE_RUN_FAIL")
     fake_log.unlink()
     assert compare_main(out, "--methods", "promptfl,fedpurel", "--seeds", "0,1") == 0
-    assert calls(fake_log) == [["method='promptfl' seed=0"]]
+    assert calls(fake_log) == [["method.name='promptfl' seed=0"]]
 
 
 def test_a_run_that_exits_zero_without_final_metrics_fails(tmp_path, fake_log, capsys):
@@ -138,9 +141,11 @@ def test_a_run_that_exits_zero_without_final_metrics_fails(tmp_path, fake_log, c
         (["--seeds", "0,x"], "bad seed 'x'"),
         (["--seeds", "-1"], "bad seed '-1'"),
         (["--seeds", ","], "--seeds is empty"),
-        (["method='pft'"], "sets 'method'"),
-        (["seed=1 lr=0.1"], "sets 'seed'"),
-        (["lr=="], "cannot parse override"),
+        (["method.name='pft'"], "sets 'method.name': use --methods"),
+        (["seed=1 peft.prompt.lr=0.1"], "sets 'seed': use --seeds"),
+        (["peft.prompt.lr=="], "cannot parse override"),
+        (["train.rounds=2 oops"], "cannot parse override"),
+        ([""], "holds no key=value pair"),
         (["configs/no-such-preset.toml"], "preset configs/no-such-preset.toml not found"),
     ],
 )
@@ -153,7 +158,7 @@ def test_bad_input_is_one_message_and_exit_2(tmp_path, fake_log, capsys, args, m
 
 def test_the_command_line_rejects_an_unknown_method_without_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "fedpurel_app.compare", "--out", str(tmp_path), "--methods", "bogus"],
+        [sys.executable, "-m", "fedpurel_cli.main", "compare", "--out", str(tmp_path), "--methods", "bogus"],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=60,
     )
     assert proc.returncode == 2
@@ -169,7 +174,7 @@ def write_run(folder, method, seed, gm_all, worst, pm_all, wall, reports=None, *
           "per_class": [0.9, 0.6, 0.3]}
     pm = {"all": pm_all, "many": 0.95, "medium": 0.7, "few": 0.4, "balancedness": 0.2}
     data = {
-        "config": {"method": method, "seed": seed},
+        "config": {"method.name": method, "seed": seed},
         "zero_shot": {"gm": {**gm, "all": 0.5 + seed / 10, "per_class": [0.8, 0.7, 0.6]}, "pm": {"all": 0.55}},
         "rounds": [{"round": 1, "phase": "global", "gm": gm, "train": {"conflict-rate": 0.4}},
                    {"round": 2, "phase": "personal", "pm": pm}],
@@ -194,7 +199,7 @@ def fabricated(tmp_path):
     write_run(runs, "pft", 0, 0.1, 0.0, 0.60, 5, reports=["pm"])
     write_run(runs, "pft", 1, 0.1, 0.0, 0.70, 7, reports=["pm"])
     (runs / "unfinished").mkdir()
-    (runs / "unfinished" / "results.json").write_text(json.dumps({"config": {"method": "pft"}, "final": {}}))
+    (runs / "unfinished" / "results.json").write_text(json.dumps({"config": {"method.name": "pft"}, "final": {}}))
     return runs
 
 
@@ -232,7 +237,8 @@ def test_csv_holds_the_same_numbers_and_one_row_per_run(fabricated, tmp_path):
     assert (means["fedpurel"]["seed"], means["fedpurel"]["n_seeds"]) == ("0 1 2", "3")
     assert means["pft"]["gm_all"] == "" and means["pft"]["gm_worst_class"] == ""
     assert float(means["pft"]["pm_all"]) == pytest.approx(65.0) and float(means["pft"]["wall_time_s"]) == 6.0
-    assert float(means["zero-shot CLIP"]["gm_all"]) == pytest.approx(60.0) and means["zero-shot CLIP"]["wall_time_s"] == ""
+    zero_shot = means["zero-shot CLIP"]
+    assert float(zero_shot["gm_all"]) == pytest.approx(60.0) and zero_shot["wall_time_s"] == ""
     runs = [row for row in rows if row["row"] == "run"]
     assert sorted((r["method"], r["seed"]) for r in runs) == [
         ("fedpurel", "0"), ("fedpurel", "1"), ("fedpurel", "2"), ("pft", "0"), ("pft", "1"),

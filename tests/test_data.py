@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedpurel_app.data import DATASETS, DatasetBundle, ImageSplit, load_dataset
-from fedpurel_app.data import embedded
+from fedpurel_app.data import DATASETS, DatasetBundle, ImageSplit, embedded, load_dataset
+from fedpurel_app.errors import DataError, UserError
 
 
 def _animal_mnist_installed() -> bool:
     try:
         embedded.animal_mnist_files()
         return True
-    except RuntimeError:
+    except DataError:
         return False
 
 
@@ -46,9 +46,10 @@ def test_bundle_validation():
 
 
 def test_unknown_dataset_lists_valid_names():
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(DataError) as e:
         load_dataset("no-such-set")
     assert "mnist" in str(e.value) and "mnist-animals" in str(e.value)
+    assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
     assert {"mnist", "mnist-animals"} <= set(DATASETS)
 
 
@@ -107,6 +108,35 @@ def test_mnist_animals_or_clear_error(monkeypatch):
         _check_embedded(b, src_img, src_lab, 20, 0)
     # simulate a missing package (always tested): the error names the package
     monkeypatch.setattr(embedded, "_package_dir", lambda module: None)
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(DataError) as e:
         load_dataset("mnist-animals")
     assert "animal-mnist" in str(e.value) and "pip install" in str(e.value)
+    assert isinstance(e.value, UserError), "a missing package is the user's to fix: one message, no traceback"
+
+
+# ---------------------------------------------------------------- one client's data (data/client.py)
+def test_client_data_is_the_nodes_partition_of_the_run_split():
+    from fedpurel_app.config import NodeConfig
+    from fedpurel_app.data import client
+    from fedpurel_app.data.fedlt import long_tail_counts
+    from tests.conftest import make_cfg
+
+    cfg = make_cfg({"data.name": "mnist", "data.n-max": 40, "data.imbalance-factor": 10.0,
+                    "data.client-test-size": 20})
+    bundle = client.dataset("mnist", "")
+    assert client.dataset("mnist", "") is bundle, "cached per process"
+    counts = client.class_counts(cfg.data, cfg.seed)
+    assert counts.tolist() == long_tail_counts(40, 10.0, 10).tolist()
+    split = client.fedlt_split(cfg.data, cfg.seed, 3)
+    parts = [client.client_data(cfg.data, cfg.seed, NodeConfig(partition_id=k, num_partitions=3)) for k in range(3)]
+    assert sum(len(p.train) for p in parts) == int(counts.sum())
+    for k, part in enumerate(parts):
+        assert np.array_equal(part.train.labels, bundle.train.labels[split.client_train[k]])
+        assert np.array_equal(part.test.labels, bundle.test.labels[split.client_test[k]])
+        assert len(part.test) <= 20 and part.classnames == bundle.classnames and part.template == bundle.template
+    assert len({p.train_identity for p in parts}) == 3 and len({p.test_identity for p in parts}) == 3
+    # Another seed is another split, and so other sample identities.
+    other = client.client_data(cfg.data, 1, NodeConfig(partition_id=0, num_partitions=3))
+    assert other.train_identity != parts[0].train_identity
+    server = client.global_test(cfg.data)
+    assert len(server.test) == len(bundle.test) and server.classnames == bundle.classnames

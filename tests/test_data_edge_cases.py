@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from fedpurel_app.data.fedlt import build_fedlt, client_test_indices, dirichlet_split, long_tail_counts, sample_long_tail
-from fedpurel_app.metrics import gm_summary, pm_summary
+from fedpurel_app.data.fedlt import (
+    build_fedlt,
+    client_test_indices,
+    dirichlet_split,
+    long_tail_counts,
+    sample_long_tail,
+)
+from fedpurel_app.errors import DataError
+from fedpurel_app.metrics import class_counts, gm_summary, pm_summary
 
 C = 10
 TRAIN = np.repeat(np.arange(C), 200)
@@ -31,7 +38,7 @@ def assert_partition(split):
 # ------------------------------------------------------------ a client with no samples
 def test_a_client_without_samples_is_refused_with_a_message_naming_it():
     """Only reachable with min_samples = 0 (the run config asks min-client-samples >= 1)."""
-    with pytest.raises(ValueError, match=r"client\(s\) \[.*\] received no train samples.*min-client-samples"):
+    with pytest.raises(DataError, match=r"client\(s\) \[.*\] received no train samples.*data\.min-client-samples"):
         build(num_clients=40, n_max=20, imbalance_factor=10.0, alpha=0.05, min_samples=0)
 
 
@@ -48,20 +55,28 @@ def test_a_single_class_client_gets_a_single_class_test_set():
 
 def test_a_single_class_client_scores_like_any_other():
     """PM: a client that only knows class 3 is one client among others, not a crash."""
-    summary = pm_summary([np.array([3, 3]), np.array([1, 2])], [np.array([3, 3]), np.array([1, 1])],
-                         long_tail_counts(100, 10.0, C), 40, 10)
+    clients = [class_counts(np.array([3, 3]), np.array([3, 3]), C), class_counts(np.array([1, 2]), np.array([1, 1]), C)]
+    summary = pm_summary(clients, long_tail_counts(100, 10.0, C), 40, 10)
     assert summary["per_client"] == [1.0, 0.5] and summary["all"] == 0.75
+    assert summary["per_class"][3] == 1.0 and summary["per_class"][1] == 0.5 and summary["per_class"][0] is None
 
 
 def test_training_on_one_sample_of_one_class_is_finite(small_cfg):
     """batch-size 16 on a client holding 1 sample: one step per epoch, finite phi_g and phi_k."""
-    from fedpurel_app import task
-    from fedpurel_app.training import FeatureSet, seeded_generator, train_global, train_private
+    from fedpurel_app.config import NodeConfig
+    from fedpurel_app.data.client import client_data
+    from fedpurel_app.inputs import FeatureSet, client_feature_sets, clip_of, feature_cache_dir
+    from fedpurel_app.methods.base import build_method
+    from fedpurel_app.peft.base import build_peft, input_kind
+    from fedpurel_app.training import seeded_generator, train_global, train_private
 
-    model = task.build_model(small_cfg)
-    train, _ = task.client_feature_sets(small_cfg, 0, 5)
+    clip = clip_of(small_cfg.model, small_cfg.data)
+    data = client_data(small_cfg.data, small_cfg.seed, NodeConfig(partition_id=0, num_partitions=5))
+    model = build_peft(small_cfg, clip, data.classnames, data.template)
+    train, _ = client_feature_sets(clip, input_kind(small_cfg.peft.name), data, feature_cache_dir(small_cfg.model))
     one = FeatureSet(train.features[:1], train.labels[:1], train.zero_shot_logits[:1])
-    stats = train_global(model, one, task.stage1_options(small_cfg), 2, 16, seeded_generator(0, 1, 1, 0))
+    options = build_method(small_cfg).stage1_options("fp32")
+    stats = train_global(model, one, options, 2, 16, seeded_generator(0, 1, 1, 0))
     assert stats.steps == 2
     assert all(torch.isfinite(v).all() for v in model.global_state().values())
     loss = train_private(model, one, 0.9, 0.1, 2, 16, seeded_generator(0, 2, 1, 0))
@@ -79,7 +94,7 @@ def test_every_class_keeps_at_least_one_long_tailed_sample():
 
 def test_a_class_absent_from_the_pool_is_a_clear_error():
     pool = TRAIN[TRAIN != 9]
-    with pytest.raises(ValueError, match="class 9 asks for 1 samples but only 0 are available"):
+    with pytest.raises(DataError, match="class 9 asks for 1 samples but only 0 are available"):
         build_fedlt(pool, TEST, C, 3, 100, 100.0, 1.0, 1, 20, 0)
 
 
@@ -115,7 +130,7 @@ def test_alpha_0_01_concentrates_each_class_on_one_client():
 
 
 def test_alpha_0_01_that_cannot_feed_every_client_stops_with_advice():
-    with pytest.raises(ValueError, match="Dirichlet split failed: after 50 draws.*raise alpha"):
+    with pytest.raises(DataError, match="Dirichlet split failed: after 50 draws.*raise alpha"):
         dirichlet_split(np.repeat(np.arange(C), 20), 20, 0.01, 4, np.random.default_rng(0), max_tries=50)
 
 
@@ -130,13 +145,16 @@ def test_alpha_1000_gives_every_client_about_the_global_distribution():
 # ------------------------------------------------------------ more clients than samples
 def test_more_clients_than_samples_is_refused_before_any_draw():
     split_size = int(long_tail_counts(10, 10.0, C).sum())
-    with pytest.raises(ValueError, match=rf"Dirichlet split impossible: {split_size} samples cannot give each of 100 clients"):
+    expected = rf"Dirichlet split impossible: {split_size} samples cannot give each of 100 clients"
+    with pytest.raises(DataError, match=expected):
         build(n_max=10, num_clients=100, min_samples=1)
 
 
 def test_more_clients_than_samples_through_the_run_config_is_one_setup_message(small_cfg):
-    """The server's setup catches ValueError: this message is what the user sees."""
-    from fedpurel_app import task
+    """A DataError is a UserError: the apps end the run with this one message."""
+    from fedpurel_app.data.client import fedlt_split
+    from fedpurel_app.errors import UserError
 
-    with pytest.raises(ValueError, match="Dirichlet split impossible.*lower num_clients"):
-        task.fedlt_split(small_cfg, 5000)
+    with pytest.raises(DataError, match="Dirichlet split impossible.*lower num_clients") as err:
+        fedlt_split(small_cfg.data, small_cfg.seed, 5000)
+    assert isinstance(err.value, UserError)

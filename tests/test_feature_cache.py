@@ -7,19 +7,22 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedpurel_app import task
+from fedpurel_app.config import NodeConfig
+from fedpurel_app.data.client import client_data, dataset
+from fedpurel_app.inputs import client_feature_sets, clip_of, feature_cache_dir
 from fedpurel_app.models import feature_cache
 from fedpurel_app.models.feature_cache import cached_image_features, feature_key
+from tests.conftest import make_cfg
 
 
 @pytest.fixture(scope="module")
 def clip(small_cfg):
-    return task.load_clip(small_cfg)
+    return clip_of(small_cfg.model, small_cfg.data)
 
 
 @pytest.fixture(scope="module")
 def split(small_cfg):
-    return task.dataset(small_cfg.dataset, small_cfg.data_root).test.subset(range(40))
+    return dataset(small_cfg.data.name, small_cfg.data.root).test.subset(range(40))
 
 
 @pytest.fixture
@@ -83,14 +86,21 @@ def test_a_stale_entry_is_reported(clip, split, tmp_path):
         cached_image_features(clip, split.subset(range(10)), "s", tmp_path)
 
 
-def test_task_uses_the_cache_unless_switched_off(clip, tmp_path, counted, monkeypatch):
-    from fedpurel_app.config import parse_run_config
-
-    monkeypatch.setattr(task, "load_clip", lambda cfg: clip)  # the embedded model, not re-pretrained in tmp_path
-    on = parse_run_config({"cache-dir": str(tmp_path)})
-    task.client_feature_sets(on, 0, 5)
-    task.client_feature_sets(on, 0, 5)
+def test_the_pipeline_uses_the_cache_unless_switched_off(clip, tmp_path, counted):
+    """client_feature_sets goes through the on-disk cache in feature_cache_dir(model): the run's
+    cache-dir, a node's state-dir, or nowhere with model.feature-cache = false."""
+    on = make_cfg({"model.cache-dir": str(tmp_path)})
+    assert feature_cache_dir(on.model) == str(tmp_path)
+    assert feature_cache_dir(on.model, str(tmp_path / "state")) == str(tmp_path / "state" / "cache")
+    data = client_data(on.data, on.seed, NodeConfig(partition_id=0, num_partitions=5))
+    # The embedded clip of the run (not re-pretrained into tmp_path): only the cache folder is new.
+    first = client_feature_sets(clip, "features", data, feature_cache_dir(on.model))
+    second = client_feature_sets(clip, "features", data, feature_cache_dir(on.model))
     assert len(counted) == 2, "train and test encoded once, then read from disk"
-    off = parse_run_config({"cache-dir": str(tmp_path), "feature-cache": False})
-    task.client_feature_sets(off, 0, 5)
-    assert len(counted) == 2, "with the cache off, task does not go through it"
+    assert len(list((tmp_path / "features").glob("*.safetensors"))) == 2
+    assert all(torch.equal(a.features, b.features) for a, b in zip(first, second, strict=True))
+    off = make_cfg({"model.cache-dir": str(tmp_path), "model.feature-cache": False})
+    assert feature_cache_dir(off.model) is None and feature_cache_dir(off.model, str(tmp_path / "state")) is None
+    uncached = client_feature_sets(clip, "features", data, feature_cache_dir(off.model))
+    assert len(counted) == 2, "with the cache off, the pipeline does not go through it"
+    assert all(torch.allclose(a.features, b.features, atol=1e-6) for a, b in zip(first, uncached, strict=True))

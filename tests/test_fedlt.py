@@ -13,6 +13,7 @@ from fedpurel_app.data.fedlt import (
     long_tail_counts,
     sample_long_tail,
 )
+from fedpurel_app.errors import DataError
 
 
 # ---------------------------------------------------------------- counts
@@ -70,10 +71,12 @@ def test_sample_long_tail_exact_counts():
 
 def test_sample_long_tail_not_enough_raises():
     labels = _pool(per_class=150)
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(DataError) as e:
         sample_long_tail(labels, long_tail_counts(200, 100, 10), np.random.default_rng(0))
     msg = str(e.value)
-    assert "class 0" in msg and "200" in msg and "150" in msg and "n_max" in msg
+    # names the class, what it asks for, what there is, and the run-config key to change
+    assert "class 0" in msg and "200" in msg and "150" in msg and "data.n-max" in msg
+    assert isinstance(e.value, ValueError)
 
 
 # ---------------------------------------------------------------- Dirichlet
@@ -100,8 +103,8 @@ def test_dirichlet_split_seeded():
     a = dirichlet_split(lab, 6, 1.0, 5, np.random.default_rng(11))
     b = dirichlet_split(lab, 6, 1.0, 5, np.random.default_rng(11))
     c = dirichlet_split(lab, 6, 1.0, 5, np.random.default_rng(12))
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def _max_share_per_class(lab, parts, c):
@@ -125,7 +128,7 @@ def test_dirichlet_alpha_controls_skew():
 
 def test_dirichlet_impossible_raises_before_trying():
     lab = np.repeat(np.arange(3), 5)  # 15 samples
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(DataError) as e:
         dirichlet_split(lab, 10, 1.0, 2, np.random.default_rng(0))
     msg = str(e.value)
     assert "15" in msg and "10" in msg and "20" in msg and "min_samples" in msg
@@ -134,7 +137,7 @@ def test_dirichlet_impossible_raises_before_trying():
 def test_dirichlet_gives_up_with_message():
     # possible in principle, but alpha tiny + 1 class + many clients: never balanced
     lab = np.zeros(100, dtype=np.int64)
-    with pytest.raises(ValueError, match="raise alpha"):
+    with pytest.raises(DataError, match="raise alpha"):
         dirichlet_split(lab, 10, 0.001, 5, np.random.default_rng(0), max_tries=20)
 
 
@@ -181,7 +184,7 @@ def test_build_fedlt_consistent():
     allc = np.concatenate(s.client_train)
     assert np.array_equal(np.sort(allc), s.train_indices)
     assert min(len(c) for c in s.client_train) >= 10
-    for tr, te in zip(s.client_train, s.client_test):
+    for tr, te in zip(s.client_train, s.client_test, strict=True):
         p = np.bincount(train_labels[tr], minlength=10) / len(tr)
         got = np.bincount(test_labels[te], minlength=10)
         assert np.all(np.abs(got - np.minimum(np.floor(p * 100 + 0.5), 100)) == 0)
@@ -191,10 +194,10 @@ def test_build_fedlt_deterministic_and_seed_dependent():
     _, _, a = _build(0)
     _, _, b = _build(0)
     _, _, c = _build(1)
-    for x, y in zip(a.client_train + a.client_test, b.client_train + b.client_test):
+    for x, y in zip(a.client_train + a.client_test, b.client_train + b.client_test, strict=True):
         assert np.array_equal(x, y)
     assert np.array_equal(a.train_indices, b.train_indices)
-    assert not all(np.array_equal(x, y) for x, y in zip(a.client_train, c.client_train))
+    assert not all(np.array_equal(x, y) for x, y in zip(a.client_train, c.client_train, strict=True))
 
 
 def test_build_fedlt_stable_across_processes():

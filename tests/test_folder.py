@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedpurel_app.data import DATASETS, Split, build_fedlt, load_dataset
-from fedpurel_app.data import folder
+from fedpurel_app.data import DATASETS, Split, folder, load_dataset
+from fedpurel_app.data.fedlt import build_fedlt
 from fedpurel_app.data.folder import FileSplit, class_order, load_folder_lt, max_feasible_n_max
+from fedpurel_app.errors import DataError
+from fedpurel_cli.main import folder_stats
 
 NAMES = ["tench", "goldfish", "great white shark"]
 # original label -> number of train images: class 2 is the head, class 0 the tail
@@ -48,6 +50,8 @@ def load_tiny(root, **kw):
 
 def test_registered():
     assert {"imagenet-lt", "places-lt"} <= set(DATASETS)
+    assert DATASETS.get("imagenet-lt") is folder.load_imagenet_lt
+    assert DATASETS.get("places-lt") is folder.load_places_lt
 
 
 def test_load_relabels_by_train_count(tmp_path):
@@ -85,7 +89,7 @@ def test_fedlt_on_folder_pool(tmp_path):
     split = build_fedlt(b.train.labels, b.test.labels, 3, num_clients=2, n_max=5, imbalance_factor=2.5,
                         alpha=1.0, min_samples=1, client_test_size=4, seed=0)
     assert split.class_counts.tolist() == [5, 3, 2] and len(split.train_indices) == 10
-    with pytest.raises(ValueError, match="lower n_max"):
+    with pytest.raises(DataError, match="lower data.n-max"):
         build_fedlt(b.train.labels, b.test.labels, 3, num_clients=2, n_max=6, imbalance_factor=2.5,
                     alpha=1.0, min_samples=1, client_test_size=4, seed=0)
 
@@ -119,25 +123,25 @@ def test_registered_imagenet_lt_reads_root(tmp_path):
 # ---------------------------------------------------------------- errors
 @pytest.mark.parametrize("root", [None, ""])
 def test_error_empty_root(root):
-    with pytest.raises(ValueError, match="set data-root"):
+    with pytest.raises(DataError, match="set data.root"):
         load_dataset("places-lt", root)
 
 
 def test_error_missing_root(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist") as e:
+    with pytest.raises(DataError, match="data.root .* does not exist") as e:
         load_dataset("imagenet-lt", str(tmp_path / "nope"))
     assert str(tmp_path / "nope") in str(e.value)
 
 
 def test_error_missing_split_file(tmp_path):
     make_folder(tmp_path)
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(DataError) as e:
         load_dataset("places-lt", str(tmp_path))
     msg = str(e.value)
     for f in ("Places_LT_train.txt", os.path.join("Places_LT_v2", "Places_LT_train.txt")):
         assert os.path.join(str(tmp_path), f) in msg
     os.remove(tmp_path / "Tiny_LT_test.txt")
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(DataError) as e:
         load_tiny(tmp_path)
     assert "Tiny_LT_test.txt" in str(e.value) and "Tiny_LT_val.txt" in str(e.value)
 
@@ -146,7 +150,7 @@ def test_error_missing_images(tmp_path):
     make_folder(tmp_path)
     os.remove(tmp_path / "train" / "n00000001" / "0.png")
     os.remove(tmp_path / "train" / "n00000002" / "4.png")
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(DataError) as e:
         load_tiny(tmp_path)
     msg = str(e.value)
     assert "2 of 10 images" in msg and "Tiny_LT_train.txt" in msg
@@ -157,21 +161,21 @@ def test_error_label_out_of_range(tmp_path):
     make_folder(tmp_path)
     with open(tmp_path / "Tiny_LT_test.txt", "a") as f:
         f.write("val/n00000000/100.jpg 3\n")
-    with pytest.raises(ValueError, match=r"1 labels outside \[0, 2\].*label 3"):
+    with pytest.raises(DataError, match=r"1 labels outside \[0, 2\].*label 3"):
         load_tiny(tmp_path)
 
 
 def test_error_bad_line_and_classnames(tmp_path):
     make_folder(tmp_path)
     (tmp_path / "Tiny_LT_train.txt").write_text("train/n00000000/0.png\n")
-    with pytest.raises(ValueError, match="line 1: expected 'relative/path label'"):
+    with pytest.raises(DataError, match="line 1: expected 'relative/path label'"):
         load_tiny(tmp_path)
     make_folder(tmp_path / "b")
     (tmp_path / "b" / "classnames.txt").write_text("tench\ngoldfish\n")
-    with pytest.raises(ValueError, match="has 2 names, expected 3"):
+    with pytest.raises(DataError, match="has 2 names, expected 3"):
         load_tiny(tmp_path / "b")
     (tmp_path / "b" / "classnames.txt").write_text("crane\ngoldfish\ncrane\n")
-    with pytest.raises(ValueError, match="lines 1 and 3"):
+    with pytest.raises(DataError, match="lines 1 and 3"):
         load_tiny(tmp_path / "b")
 
 
@@ -179,7 +183,13 @@ def test_cli_reports_feasible_n_max(tmp_path, capsys):
     make_folder(tmp_path, prefix="Places_LT", classnames=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert folder._main([str(tmp_path), "places-lt", "100"]) == 0
+        assert folder_stats([str(tmp_path), "places-lt", "100"]) == 0
     out = capsys.readouterr().out
     # 365 classes, 362 of them empty: no n-max is feasible
-    assert "10 train images" in out and "largest feasible n-max = 0" in out
+    assert "10 train images" in out and "largest feasible data.n-max = 0" in out
+
+
+def test_cli_reports_a_data_problem_in_one_line(tmp_path, capsys):
+    assert folder_stats([str(tmp_path / "nope"), "imagenet-lt"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err

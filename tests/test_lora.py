@@ -2,41 +2,58 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from fedpurel_app import task
-from fedpurel_app.config import ConfigError, parse_run_config
-from fedpurel_app.peft import LoraPeft, PromptPeft
-from fedpurel_app.peft.lora import SplitQKVAttention, split_attention
-from fedpurel_app.training import Stage1Options, stage1_step, seeded_generator, train_private
-from tests.conftest import SMALL_RUN
+from fedpurel_app.config import ConfigError, NodeConfig
+from fedpurel_app.data.client import client_data, dataset
+from fedpurel_app.inputs import client_feature_sets, clip_of, feature_cache_dir
+from fedpurel_app.peft.base import build_peft, input_kind
+from fedpurel_app.peft.lora import LoraPeft, SplitQKVAttention, split_attention
+from fedpurel_app.peft.prompt import PromptPeft
+from fedpurel_app.training import Stage1Options, seeded_generator, stage1_step, train_private
+from tests.conftest import SMALL_RUN, make_cfg
+
+NODE = NodeConfig(partition_id=0, num_partitions=5)
+
+
+def lora_cfg(**flat):
+    return make_cfg({**SMALL_RUN, "peft.name": "lora", **flat})
 
 
 @pytest.fixture(scope="module")
 def cfg():
-    return parse_run_config({**SMALL_RUN, "peft": "lora"})
+    return lora_cfg()
 
 
 @pytest.fixture(scope="module")
 def clip(cfg):
-    return task.load_clip(cfg)
+    return clip_of(cfg.model, cfg.data)
 
 
 @pytest.fixture(scope="module")
 def classnames(cfg):
-    return task.dataset(cfg.dataset, cfg.data_root).classnames
+    return dataset(cfg.data.name, cfg.data.root).classnames
+
+
+def train_set(cfg):
+    clip = clip_of(cfg.model, cfg.data)
+    train, _ = client_feature_sets(
+        clip, input_kind(cfg.peft.name), client_data(cfg.data, cfg.seed, NODE), feature_cache_dir(cfg.model)
+    )
+    return train
 
 
 @pytest.fixture(scope="module")
 def data(cfg):
-    train, _ = task.client_feature_sets(cfg, 0, 5)
-    return train
+    return train_set(cfg)
 
 
 def fresh(cfg) -> LoraPeft:
-    return task.build_model(cfg)
+    data = client_data(cfg.data, cfg.seed, NODE)
+    return build_peft(cfg, clip_of(cfg.model, cfg.data), data.classnames, data.template)
 
 
 def visual_snapshot(clip) -> dict[str, torch.Tensor]:
@@ -44,9 +61,9 @@ def visual_snapshot(clip) -> dict[str, torch.Tensor]:
 
 
 def test_inputs_are_pixels_and_zero_shot_logits_come_from_the_frozen_clip(cfg, small_cfg, data):
-    assert LoraPeft.inputs == "pixels" and task.input_kind(cfg) == "pixels"
+    assert LoraPeft.inputs == "pixels" and input_kind(cfg.peft.name) == "pixels"
     assert tuple(data.features.shape[1:]) == (3, 28, 28)
-    prompt_train, _ = task.client_feature_sets(small_cfg, 0, 5)
+    prompt_train = train_set(small_cfg)
     assert torch.equal(prompt_train.labels, data.labels)
     torch.testing.assert_close(prompt_train.zero_shot_logits, data.zero_shot_logits)
 
@@ -106,7 +123,7 @@ def test_init_is_seeded_and_phi_k_starts_where_phi_g_does(cfg):
     for key, value in a.global_state().items():
         assert torch.equal(value, b.global_state()[key])
         assert torch.equal(value, a.private_state()[key])
-    other = task.build_model(cfg.model_copy(update={"seed": 1}))
+    other = fresh(lora_cfg(seed=1))
     assert any(not torch.equal(v, other.global_state()[k]) for k, v in a.global_state().items())
 
 
@@ -153,6 +170,41 @@ def test_load_global_state_round_trips_and_refuses_wrong_states(cfg, clip, class
     with pytest.raises(ValueError, match="has shape"):
         peft.load_global_state(rank4.global_state())
     assert all(torch.equal(v, peft.global_state()[k]) for k, v in state.items()), "a refused load changed phi_g"
+
+
+def test_lora_state_dicts_round_trip_exactly_into_the_right_adapter(cfg, clip, classnames, data):
+    """peft's set_peft_model_state_dict puts each tensor back into its own module and adapter:
+    a model loaded with another model's phi_g and phi_k computes exactly its logits."""
+    source = fresh(cfg)
+    with torch.no_grad():
+        for i, p in enumerate([*source.global_parameters(), *source.private_parameters()]):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
+    target = fresh(cfg)
+    target.load_global_state(source.global_state())
+    target.load_private_state(source.private_state())
+    for got, want in ((target.global_state(), source.global_state()), (target.private_state(), source.private_state())):
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    x = data.features[:6]
+    with torch.no_grad():
+        assert torch.equal(target.global_logits(x), source.global_logits(x))
+        assert torch.equal(target.private_logits(x), source.private_logits(x))
+        assert not torch.allclose(target.global_logits(x), target.private_logits(x)), "phi_g and phi_k mixed up"
+    # The parameters the loops step are the ones loaded into.
+    loaded = {id(p) for p in target.private_parameters()}
+    assert loaded.isdisjoint(id(p) for p in target.global_parameters())
+    pairs = zip(target.private_parameters(), source.private_parameters(), strict=True)
+    assert all(torch.equal(a.detach(), b.detach()) for a, b in pairs)
+
+
+def test_a_wrong_phi_k_is_refused_and_changes_nothing(cfg, clip, classnames):
+    peft = fresh(cfg)
+    before = peft.private_state()
+    rank4 = LoraPeft(clip, classnames, rank=4)
+    with pytest.raises(ValueError, match=r"phi_k\[.*\] has shape \((4, 64|64, 4)\)"):
+        peft.load_private_state(rank4.private_state())
+    with pytest.raises(ValueError, match="phi_k keys do not match"):
+        peft.load_private_state({**before, "extra.lora_A.weight": torch.zeros(8, 64)})
+    assert all(torch.equal(v, before[k]) for k, v in peft.private_state().items()), "a refused load changed phi_k"
 
 
 def test_stage1_step_changes_phi_g_only_and_not_the_shared_clip(cfg, clip, data):
@@ -213,40 +265,47 @@ def test_targets_are_configurable(clip, classnames):
 
 
 def test_config_knobs_reach_the_variant_and_bad_targets_are_refused(cfg):
-    custom = task.build_model(cfg.model_copy(update={"lora_rank": 2, "lora_alpha": 4.0, "lora_rslora": True}))
+    custom = fresh(lora_cfg(**{"peft.lora.rank": 2, "peft.lora.alpha": 4.0, "peft.lora.rslora": True}))
     layer = custom.tower.base_model.model.transformer.resblocks[1].attn.v_proj
     assert layer.r["global"] == 2 and layer.scaling["global"] == pytest.approx(4.0 / 2**0.5)
     for bad in ("", "q proj", "re:(", "re:"):
-        with pytest.raises(ConfigError, match="lora-targets"):
-            parse_run_config({"peft": "lora", "lora-targets": bad})
+        with pytest.raises(ConfigError, match=r"key 'peft\.lora\.targets'.*lora-targets"):
+            make_cfg({"peft.name": "lora", "peft.lora.targets": bad})
 
 
-def test_client_app_keeps_no_pixels_in_state_and_replies_only_phi_g(cfg, monkeypatch):
-    from flwr.app import Context, MessageType, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
+class DictMemory(dict):
+    """A node's memory (Flower's context.state in the ClientApp) in a dict."""
 
-    from client_app import app as client
-    from server_app.strategy import PERSONALIZE
-    from tests.test_apps import server_message
+    def put(self, name, tensors):
+        self[name] = {k: v.detach().cpu().clone() for k, v in tensors.items()}
 
-    # Messages built outside a Flower process need the identity one would have (as in test_apps).
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-    context = Context(
-        run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": 4},
-        state=RecordDict(), run_config={**SMALL_RUN, "peft": "lora"},
-    )
-    phi_g = task.build_model(cfg).global_state()
-    reply = client.train(server_message(phi_g, MessageType.TRAIN, 1), context)
-    (record,) = reply.content.array_records.values()
-    assert set(record.keys()) == set(phi_g)
-    cached = context.state.array_records[client.FEATURES]
-    assert set(cached.keys()) == {f"{s}.{f}" for s in ("train", "test") for f in ("labels", "zero_shot_logits")}
+    def drop(self, name):
+        self.pop(name, None)
+
+    def names(self):
+        return list(self)
+
+
+def test_a_lora_client_keeps_no_pixels_in_memory_and_replies_only_phi_g(cfg, monkeypatch):
+    import fedpurel_app.client as client_module
+    from fedpurel_app.client import PHI_K, Client
+    from fedpurel_app.protocol import Instruction
+
+    node = NodeConfig(partition_id=0, num_partitions=4)
+    memory = DictMemory()
+    phi_g = fresh(cfg).global_state()
+    sent, reply = Client(cfg, node, memory, Instruction(1)).train(phi_g)
+    assert set(sent) == set(phi_g) and reply.partition_id == 0 and reply.num_examples > 0
+    (features,) = [name for name in memory.names() if name.startswith(client_module.FEATURES)]
+    assert set(memory[features]) == {f"{s}.{f}" for s in ("train", "test") for f in ("labels", "zero_shot_logits")}
     calls = []
-    original = task.client_inputs
-    monkeypatch.setattr(task, "client_inputs", lambda *a: calls.append(a) or original(*a))
-    client.personalize(server_message(phi_g, PERSONALIZE, 2), context)
-    evaluation = client.evaluate(server_message(phi_g, MessageType.EVALUATE, 2), context)
-    assert len(calls) == 2, "pixels are recomputed per message"
-    metrics = next(iter(evaluation.content.metric_records.values()))
-    assert metrics["personalized"] == 1 and len(metrics["pm-preds"]) == metrics["num-examples"]
+    original = client_module.variant_inputs
+    monkeypatch.setattr(client_module, "variant_inputs", lambda *a: calls.append(a[1]) or original(*a))
+    Client(cfg, node, memory, Instruction(2)).personalize(phi_g)
+    assert PHI_K in memory.names() and set(memory[PHI_K]) == set(phi_g)
+    assert all(not torch.equal(memory[PHI_K][k], phi_g[k]) for k in phi_g if ".lora_B." in k)
+    evaluation = Client(cfg, node, memory, Instruction(2)).evaluate(phi_g).evaluation
+    assert calls == ["pixels"] * 4, "pixels are recomputed per message (train and test)"
+    test_labels = client_data(cfg.data, cfg.seed, node).test.labels
+    assert evaluation.personalized and evaluation.num_examples == len(test_labels)
+    assert list(evaluation.class_total) == np.bincount(test_labels, minlength=20).tolist()

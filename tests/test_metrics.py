@@ -8,7 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from fedpurel_app.metrics import class_groups, gm_summary, per_class_accuracy, pm_summary
+from fedpurel_app.metrics import (
+    class_counts,
+    class_groups,
+    gm_summary,
+    per_class_accuracy,
+    pm_summary,
+    summary_from_counts,
+)
 
 
 def test_per_class_accuracy_hand():
@@ -77,6 +84,35 @@ def test_gm_summary_empty_test_set():
     json.dumps(s, allow_nan=False)
 
 
+def test_class_counts_hand():
+    correct, total = class_counts(np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 2, 0]), 4)
+    assert correct.tolist() == [1, 1, 1, 0] and total.tolist() == [2, 2, 1, 0]
+    assert correct.dtype == total.dtype == np.int64
+    empty = class_counts(np.array([], dtype=int), np.array([], dtype=int), 3)
+    assert [c.tolist() for c in empty] == [[0, 0, 0], [0, 0, 0]]
+    with pytest.raises(ValueError):
+        class_counts(np.array([0, 1]), np.array([0]), 2)
+    with pytest.raises(ValueError):
+        class_counts(np.array([0]), np.array([2]), 2)
+    with pytest.raises(ValueError):
+        class_counts(np.array([0]), np.array([0]), 0)
+
+
+def test_summary_from_counts_is_gm_summary_of_the_predictions():
+    train_counts = np.array([200, 50, 10, 5, 3])
+    labels = np.array([0, 0, 1, 1, 2, 2, 4, 4])
+    preds = np.array([0, 0, 1, 0, 1, 1, 4, 4])
+    assert summary_from_counts(*class_counts(preds, labels, 5), train_counts, 100, 20) == gm_summary(
+        preds, labels, train_counts, 100, 20
+    )
+    with pytest.raises(ValueError):
+        summary_from_counts([1, 0], [1, 1], train_counts, 100, 20)
+
+
+def _client(preds, labels, num_classes=3):
+    return class_counts(np.asarray(preds, dtype=int), np.asarray(labels, dtype=int), num_classes)
+
+
 def test_pm_summary_weighted_vs_unweighted():
     train_counts = np.array([200, 50, 10])
     # client A: 2 samples, both correct -> acc 1.0
@@ -86,13 +122,7 @@ def test_pm_summary_weighted_vs_unweighted():
     a_labels, a_preds = np.array([0, 1]), np.array([0, 1])
     b_labels = np.array([0, 0, 1, 1, 2, 2, 2, 2])
     b_preds = np.array([0, 1, 1, 0, 0, 0, 0, 0])
-    s = pm_summary(
-        [a_preds, b_preds, np.array([], dtype=int)],
-        [a_labels, b_labels, np.array([], dtype=int)],
-        train_counts,
-        100,
-        20,
-    )
+    s = pm_summary([_client(a_preds, a_labels), _client(b_preds, b_labels), _client([], [])], train_counts, 100, 20)
     assert s["all"] == pytest.approx(0.625)
     assert s["all_weighted"] == pytest.approx(0.4)
     assert s["num_clients"] == 3
@@ -109,9 +139,21 @@ def test_pm_summary_weighted_vs_unweighted():
     json.dumps(s, allow_nan=False)
 
 
+def test_pm_summary_keeps_the_client_order():
+    train_counts = np.array([200, 50, 10])
+    clients = [_client([0], [0]), _client([1, 0], [1, 1]), _client([0, 0, 0, 2], [2, 2, 2, 2])]
+    assert pm_summary(clients, train_counts, 100, 20)["per_client"] == [1.0, 0.5, 0.25]
+    assert pm_summary(clients[::-1], train_counts, 100, 20)["per_client"] == [0.25, 0.5, 1.0]
+
+
 def test_pm_summary_no_samples():
-    s = pm_summary([np.array([], dtype=int)], [np.array([], dtype=int)], np.array([1, 2]), 100, 20)
+    s = pm_summary([_client([], [], 2)], np.array([1, 2]), 100, 20)
     assert s["all"] is None and s["all_weighted"] is None and s["num_clients"] == 1
     json.dumps(s, allow_nan=False)
+    empty = pm_summary([], np.array([1, 2]), 100, 20)
+    assert empty["all"] is None and empty["num_clients"] == 0 and empty["per_client"] == []
+    # A client's counts must cover the C classes of the run.
+    with pytest.raises(ValueError, match="2 classes"):
+        pm_summary([(np.array([1]), np.array([1]))], np.array([1, 2]), 100, 20)
     with pytest.raises(ValueError):
-        pm_summary([np.array([0])], [], np.array([1]), 100, 20)
+        pm_summary([(np.array([1, 0]), np.array([1, 0, 0]))], np.array([1, 2]), 100, 20)

@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fedpurel_app import task
+from fedpurel_app.inputs import clip_of
 from fedpurel_app.models import CONFIG_DIR, ModelLoadError, create_clip
 
 
 def test_a_checkpoint_folder_gives_the_same_model_as_its_file(small_cfg, tmp_path):
-    reference = task.load_clip(small_cfg)
+    reference = clip_of(small_cfg.model, small_cfg.data)
     folder = tmp_path / "my-clip"
     folder.mkdir()
     model_cfg = json.loads((CONFIG_DIR / "fedpurel-tiny.json").read_text())

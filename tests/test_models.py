@@ -339,16 +339,20 @@ def test_a_fresh_process_builds_a_plain_clip_and_lora_with_open_clip_imported_as
         "import sys\n"
         "import fedpurel_app.models\n"
         "print('eager', 'open_clip' in sys.modules)\n"
-        "from fedpurel_app import task\n"
         "from fedpurel_app.config import parse_run_config\n"
-        "task.build_model(parse_run_config({}))\n"
+        "from fedpurel_app.data.client import classes\n"
+        "from fedpurel_app.inputs import clip_of\n"
+        "from fedpurel_app.peft.base import build_peft\n"
+        "cfg = parse_run_config({})\n"
+        "build_peft(cfg, clip_of(cfg.model, cfg.data), *classes(cfg.data))\n"
         "import open_clip, torch._dynamo\n"
         "print('towers', open_clip.timm_model.timm is not None, open_clip.hf_model.transformers is not None)\n"
         "print('dynamo', hasattr(torch._dynamo, 'optimize'))\n"
-        "peft = task.build_model(parse_run_config({'peft': 'lora'}))\n"
-        "print('lora', len(peft.global_state()) > 0)\n"
+        "cfg = parse_run_config({'peft': {'name': 'lora'}})\n"
+        "peft = build_peft(cfg, clip_of(cfg.model, cfg.data), *classes(cfg.data))\n"
+        "print('lora', type(peft).__name__, len(peft.global_state()) > 0)\n"
     )
-    assert lines == {"eager": "False", "towers": "True True", "dynamo": "True", "lora": "True"}
+    assert lines == {"eager": "False", "towers": "True True", "dynamo": "True", "lora": "LoraPeft True"}
 
 
 def test_a_timm_tower_model_loads_from_a_local_file(tmp_path):

@@ -84,7 +84,11 @@ ROW = st.one_of(
 def test_stage1_pipeline_is_finite_on_any_logits(student, teacher_kind, dtype, aligned, granularity):
     """TKL loss and gradient, then purification against a CE gradient: never NaN/Inf."""
     f = torch.tensor(student, dtype=dtype, requires_grad=True)
-    z = {"same": f.detach().clone(), "reversed": f.detach().flip(-1), "random": torch.randn_like(f.float()).to(dtype) * 50}[teacher_kind]
+    z = {
+        "same": f.detach().clone(),
+        "reversed": f.detach().flip(-1),
+        "random": torch.randn_like(f.float()).to(dtype) * 50,
+    }[teacher_kind]
     loss = temperature_aligned_kl(f, z, aligned=aligned)
     assert finite(loss) and loss.item() > -1e-4  # a KL divergence
     (g_align,) = torch.autograd.grad(loss, f)

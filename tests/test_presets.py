@@ -1,18 +1,24 @@
-"""Presets under configs/ are valid run configs; scripts/overrides.py merges them with overrides."""
+"""Presets under configs/ are valid run configs; `fedpurel overrides` merges them with overrides
+and refuses unknown keys."""
 
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from flwr.common.config import unflatten_dict
 
-from fedpurel_app.config import parse_run_config
+from fedpurel_app.config import known_keys, parse_run_config
+from fedpurel_cli import overrides
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-import overrides  # noqa: E402
-
 PRESETS = sorted((REPO / "configs").glob("*.toml"))
+
+
+def fedpurel(*args: str) -> subprocess.CompletedProcess:
+    """The `fedpurel` command, as scripts/run.sh calls it."""
+    return subprocess.run([sys.executable, "-m", "fedpurel_cli.main", *args], capture_output=True, text=True, cwd=REPO)
 
 
 def test_there_are_presets_for_every_paper_dataset():
@@ -22,52 +28,79 @@ def test_there_are_presets_for_every_paper_dataset():
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_preset_is_a_valid_run_config(preset):
-    defaults = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    values = tomllib.loads(preset.read_text())
-    assert set(values) <= set(defaults), f"{preset.name} sets keys pyproject does not define"
-    cfg = parse_run_config({**defaults, **values})
-    assert cfg.model == "ViT-B-16" and cfg.pretrained == "openai"
-    assert (cfg.num_rounds, cfg.fraction_train, cfg.dirichlet_alpha, cfg.imbalance_factor) == (100, 0.4, 1.0, 100.0)
+    merged = overrides.merge([str(preset)])
+    assert set(merged) <= set(known_keys()), f"{preset.name} sets keys the run config does not define"
+    overrides.check_keys(merged, overrides.known_keys())
+    cfg = parse_run_config(unflatten_dict(merged))
+    assert cfg.model.name == "ViT-B-16" and cfg.model.pretrained == "openai"
+    assert (cfg.train.rounds, cfg.train.fraction, cfg.data.dirichlet_alpha, cfg.data.imbalance_factor) == (
+        100, 0.4, 1.0, 100.0,
+    )
+    # What the preset sets is what the run gets.
+    flat = cfg.to_flower()
+    assert {key: flat[key] for key in merged} == merged
+    assert preset.stem in ("reference", f"{cfg.data.name}-{cfg.peft.name}"), "the name says dataset and variant"
 
 
 def test_reference_preset_uses_the_reference_code_choices():
-    cfg = tomllib.loads((REPO / "configs" / "reference.toml").read_text())
-    assert cfg["lam"] == 0.99 and cfg["personalization"] == "interleaved"
+    cfg = parse_run_config(tomllib.loads((REPO / "configs" / "reference.toml").read_text()))
+    assert cfg.method.name == "fedpurel"
+    assert cfg.method.options.lam == 0.99 and cfg.method.options.schedule == "interleaved"
+    assert cfg.method.fedpurel_kl.lam == 0.99 and cfg.method.fedpurel_kl.schedule == "interleaved"
+    assert cfg.peft.lora.rslora is True
 
 
 def test_overrides_merge_a_preset_with_later_pairs_winning(tmp_path):
     preset = tmp_path / "p.toml"
-    preset.write_text('lr = 0.5\nctx-init = "a photo of a"\nall-clients-first-round = true\n')
-    merged = overrides.merge([str(preset), "lr=0.1 seed=2 method='fedpurel-kl'"])
-    assert merged == {"lr": 0.1, "ctx-init": "a photo of a", "all-clients-first-round": True, "seed": 2, "method": "fedpurel-kl"}
+    preset.write_text('peft.prompt.lr = 0.5\npeft.prompt.ctx-init = "a photo of a"\n[train]\n'
+                      "all-clients-first-round = true\n")  # dotted keys and a table: both read flat
+    merged = overrides.merge([str(preset), "peft.prompt.lr=0.1 seed=2 method.name='fedpurel-kl'"])
+    assert merged == {"peft.prompt.lr": 0.1, "peft.prompt.ctx-init": "a photo of a",
+                      "train.all-clients-first-round": True, "seed": 2, "method.name": "fedpurel-kl"}
     text = overrides.to_run_config(merged)
-    assert "ctx-init='a photo of a'" in text and "all-clients-first-round=true" in text
+    assert "peft.prompt.ctx-init='a photo of a'" in text and "train.all-clients-first-round=true" in text
     assert overrides.merge([text]) == merged, "the string flwr receives parses back to the same values"
+    cfg = parse_run_config(unflatten_dict(merged))
+    assert (cfg.peft.options.lr, cfg.seed, cfg.method.name) == (0.1, 2, "fedpurel-kl")
 
 
 def test_a_later_value_wins_also_within_one_string():
-    assert overrides.merge(["seed=1 lr=0.5 seed=2"]) == {"seed": 2, "lr": 0.5}
+    assert overrides.merge(["seed=1 peft.prompt.lr=0.5 seed=2"]) == {"seed": 2, "peft.prompt.lr": 0.5}
+
+
+def test_the_overrides_command_prints_the_merged_run_config():
+    out = fedpurel("overrides", "configs/reference.toml", "seed=3 train.rounds=2")
+    assert out.returncode == 0, out.stderr
+    merged = overrides.merge([out.stdout.strip()])
+    assert merged["seed"] == 3 and merged["train.rounds"] == 2 and merged["method.fedpurel.lam"] == 0.99
+    parse_run_config(unflatten_dict(merged))
 
 
 @pytest.mark.parametrize(
     "arg, message",
-    [("lr=abc", "'lr=abc': the value is not a TOML value"),
+    [("train.rounds=abc", "'train.rounds=abc': the value is not a TOML value"),
      ("seed", "'seed' is neither key=value nor a .toml preset"),
      ("seed=1 oops", "'oops' is neither key=value nor a .toml preset"),
-     ("configs/no-such-preset.toml", "cannot read the preset configs/no-such-preset.toml")],
+     ("configs/no-such-preset.toml", "cannot read the preset configs/no-such-preset.toml"),
+     ("train.roundz=3", "unknown run-config key 'train.roundz' (did you mean 'train.rounds'?)"),
+     ("lr=0.1", "unknown run-config key 'lr' (did you mean 'peft.prompt.lr'?)")],
 )
 def test_a_bad_override_is_one_clear_message_without_a_traceback(arg, message):
-    import subprocess
-
-    with pytest.raises(overrides.OverrideError, match=message.replace("(", r"\(")):
-        overrides.merge([arg])
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "overrides.py"), arg], capture_output=True, text=True)
-    assert out.returncode == 1 and out.stdout == ""
+    with pytest.raises(overrides.OverrideError) as err:
+        overrides.check_keys(overrides.merge([arg]), overrides.known_keys())
+    assert message in str(err.value)
+    out = fedpurel("overrides", arg)
+    assert out.returncode != 0 and out.stdout == ""
     assert out.stderr.startswith("fedpurel: ") and message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_the_keys_overrides_checks_are_the_run_configs():
+    assert overrides.known_keys() == known_keys()
 
 
 def test_an_invalid_preset_file_is_named(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text("lr = = 1\n")
+    bad.write_text("train.rounds = = 1\n")
     with pytest.raises(overrides.OverrideError, match=f"the preset {bad} is not valid TOML"):
         overrides.merge([str(bad)])

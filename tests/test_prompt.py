@@ -4,18 +4,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedpurel_app import task
-from fedpurel_app.peft import PromptPeft, build_peft
+from fedpurel_app.config import ConfigError
+from fedpurel_app.data.client import dataset
+from fedpurel_app.inputs import clip_of
+from fedpurel_app.peft.base import build_peft
+from fedpurel_app.peft.prompt import PromptConfig, PromptPeft
+from fedpurel_app.registry import PEFT_VARIANTS
+from tests.conftest import make_cfg
 
 
 @pytest.fixture(scope="module")
 def clip(small_cfg):
-    return task.load_clip(small_cfg)
+    return clip_of(small_cfg.model, small_cfg.data)
 
 
 @pytest.fixture(scope="module")
 def classnames(small_cfg):
-    return task.dataset(small_cfg.dataset, small_cfg.data_root).classnames
+    return dataset(small_cfg.data.name, small_cfg.data.root).classnames
 
 
 def full_length_features(clip, classnames, branch):
@@ -75,14 +80,42 @@ def test_loading_a_wrong_state_is_refused(clip, classnames):
         peft.load_global_state({"other": torch.zeros(4, 64)})
     with pytest.raises(ValueError, match="has shape"):
         peft.load_global_state({"ctx": torch.zeros(3, 64)})
+    before = peft.private_state()["ctx"]
+    with pytest.raises(ValueError, match=r"phi_k\['ctx'\] has shape \(5, 64\), this model expects \(4, 64\)"):
+        peft.load_private_state({"ctx": torch.zeros(5, 64)})
+    assert torch.equal(peft.private_state()["ctx"], before)
 
 
-def test_build_peft_reads_the_variant_knobs_from_the_config(clip, classnames, small_cfg):
-    cfg = small_cfg.model_copy(update={"n_ctx": 3, "ctx_init": ""})
-    peft = build_peft("prompt", clip, classnames, "a photo of a {}.", cfg)
+def test_build_peft_reads_the_variant_knobs_from_the_config(clip, classnames):
+    cfg = make_cfg({"peft.prompt.n-ctx": 3, "peft.prompt.ctx-init": ""})
+    peft = build_peft(cfg, clip, classnames, "a photo of a {}.")
     assert isinstance(peft, PromptPeft) and peft.phi_g.ctx.shape[0] == 3
+    assert PEFT_VARIANTS.get("prompt") is PromptPeft and PEFT_VARIANTS["prompt"].config is PromptConfig
+    # ctx-init '' is N(0, 0.02^2) drawn with the run's seed
+    again = build_peft(cfg, clip, classnames, "a photo of a {}.")
+    other = build_peft(make_cfg({"peft.prompt.n-ctx": 3, "peft.prompt.ctx-init": "", "seed": 1}), clip, classnames,
+                       "a photo of a {}.")
+    assert torch.equal(peft.phi_g.ctx, again.phi_g.ctx) and not torch.equal(peft.phi_g.ctx, other.phi_g.ctx)
 
 
-def test_unknown_variant_lists_the_known_ones(clip, classnames, small_cfg):
-    with pytest.raises(ValueError, match="prompt"):
-        build_peft("bitfit", clip, classnames, "a photo of a {}.", small_cfg)
+def test_the_template_does_not_change_the_prompt(clip, classnames):
+    """The learned context replaces the dataset's template: two templates, one model."""
+    cfg = make_cfg({})
+    a = build_peft(cfg, clip, classnames, "a photo of a {}.")
+    b = build_peft(cfg, clip, classnames, "an image of the handwritten number {}.")
+    with torch.no_grad():
+        torch.testing.assert_close(a.text_features(a.phi_g), b.text_features(b.phi_g))
+
+
+def test_unknown_variant_lists_the_known_ones():
+    with pytest.raises(ConfigError, match=r"peft\.name.*choose one of.*'adapter', 'lora', 'prompt'"):
+        make_cfg({"peft.name": "bitfit"})
+    with pytest.raises(KeyError, match="prompt"):
+        PEFT_VARIANTS.get("bitfit")
+
+
+def test_bad_prompt_knobs_are_config_errors():
+    with pytest.raises(ConfigError, match=r"peft\.prompt\.n-ctx"):
+        make_cfg({"peft.prompt.n-ctx": 0})
+    with pytest.raises(ConfigError, match=r"peft\.prompt\.lr"):
+        make_cfg({"peft.prompt.lr": -1.0})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -86,20 +87,20 @@ def test_property_no_residual_conflict(data, granularity, scale):
     out, stats = purify_gradients_with_stats(task, align, granularity=granularity)
     assert [t.shape for t in out] == [t.shape for t in task]
     # inputs untouched
-    assert all(torch.equal(a, b) for a, b in zip(task, task_copy))
+    assert all(torch.equal(a, b) for a, b in zip(task, task_copy, strict=True))
     if granularity == "tensor":
-        units = [([gt], [ga], [o]) for gt, ga, o in zip(task, align, out)]
+        units = [([gt], [ga], [o]) for gt, ga, o in zip(task, align, out, strict=True)]
     else:
         units = [(task, align, out)]
     n_conflict = 0
     for gts, gas, outs in units:
-        dot_before = sum(torch.dot(a, b) for a, b in zip(gts, gas))
-        dot_after = sum(torch.dot(a, b) for a, b in zip(outs, gas))
+        dot_before = sum(torch.dot(a, b) for a, b in zip(gts, gas, strict=True))
+        dot_after = sum(torch.dot(a, b) for a, b in zip(outs, gas, strict=True))
         if dot_before < 0:
             n_conflict += 1
             assert dot_after >= -1e-6
         else:
-            assert all(torch.equal(o, t) for o, t in zip(outs, gts))
+            assert all(torch.equal(o, t) for o, t in zip(outs, gts, strict=True))
     assert stats.conflict == pytest.approx(n_conflict / len(units))
     ft, fa = torch.cat(task), torch.cat(align)
     assert stats.cosine == pytest.approx(
@@ -108,7 +109,7 @@ def test_property_no_residual_conflict(data, granularity, scale):
     assert -1.0 <= stats.cosine <= 1.0
     # purify_gradients gives the same result as the stats variant
     out2 = purify_gradients(task, align, granularity=granularity)
-    assert all(torch.equal(a, b) for a, b in zip(out, out2))
+    assert all(torch.equal(a, b) for a, b in zip(out, out2, strict=True))
 
 
 @settings(max_examples=30, deadline=None)
@@ -118,7 +119,7 @@ def test_property_float32_relative(seed, granularity):
     task = [torch.randn(4, 5, generator=g), torch.randn(7, generator=g)]
     align = [torch.randn(4, 5, generator=g), torch.randn(7, generator=g)]
     out = purify_gradients(task, align, granularity=granularity)
-    for o, t in zip(out, task):
+    for o, t in zip(out, task, strict=True):
         assert o.dtype == torch.float32 and o.shape == t.shape
     if granularity == "flat":
         fo, fa = torch.cat([o.flatten() for o in out]), torch.cat([a.flatten() for a in align])
@@ -131,7 +132,7 @@ def test_zero_align_gradient_is_finite_and_identity():
     ga = [torch.zeros(3, 3), torch.zeros(2)]
     for gran in ("tensor", "flat"):
         out, stats = purify_gradients_with_stats(gt, ga, granularity=gran)
-        assert all(torch.equal(o, t) for o, t in zip(out, gt))
+        assert all(torch.equal(o, t) for o, t in zip(out, gt, strict=True))
         assert stats == PurificationStats(conflict=0.0, cosine=0.0)
 
 
@@ -177,7 +178,7 @@ def test_stats_is_frozen_dataclass():
     _, stats = purify_gradients_with_stats([T(1.0)], [T(-1.0)])
     assert isinstance(stats.conflict, float) and isinstance(stats.cosine, float)
     assert stats.cosine == pytest.approx(-1.0)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         stats.conflict = 0.0  # type: ignore[misc]
 
 
@@ -217,7 +218,7 @@ def test_on_device_statistics_are_tensors_with_the_same_values(granularity):
     assert isinstance(dev.conflict, torch.Tensor) and isinstance(dev.cosine, torch.Tensor)
     assert dev.conflict.dim() == 0 and dev.conflict.device == task[0].device
     assert (float(dev.conflict), float(dev.cosine)) == (host.conflict, host.cosine)
-    assert all(torch.equal(a, b) for a, b in zip(g_host, g_dev))
+    assert all(torch.equal(a, b) for a, b in zip(g_host, g_dev, strict=True))
     _, zero = purify_gradients_with_stats([torch.zeros(3)], [T(1.0, 0.0, 0.0)], on_device=True)
     assert float(zero.cosine) == 0.0 and float(zero.conflict) == 0.0
 
@@ -236,7 +237,7 @@ def test_stacked_gradients_purify_as_the_two_lists(granularity, dtype):
     want, want_stats = purify_gradients_with_stats([s[0] for s in stacked], [s[1] for s in stacked], granularity)
     assert all(torch.equal(a, b) for a, b in zip(out, want, strict=True))
     assert (stats.conflict, stats.cosine) == (want_stats.conflict, want_stats.cosine)
-    assert all(torch.equal(s, b) for s, b in zip(stacked, before))  # inputs untouched
+    assert all(torch.equal(s, b) for s, b in zip(stacked, before, strict=True))  # inputs untouched
     assert [o.shape for o in out] == [torch.Size(s) for s in shapes] and all(o.dtype == dtype for o in out)
 
 

@@ -38,3 +38,16 @@ def test_final_and_last10_are_computed_from_the_recorded_rounds(tmp_path):
 def test_run_dirs_never_collide(tmp_path):
     first, second = new_run_dir(tmp_path, "same"), new_run_dir(tmp_path, "same")
     assert first != second and first.is_dir() and second.is_dir()
+
+
+def test_the_config_is_recorded_flat_and_parses_back(tmp_path):
+    from fedpurel_cli.report import method_name
+    from tests.conftest import make_cfg
+
+    cfg = make_cfg({"method.name": "promptfl-la", "method.promptfl-la.tau": 0.5, "seed": 4})
+    run_dir = new_run_dir(tmp_path, "x")
+    RunRecorder(run_dir, cfg.to_flower()).save()
+    config = json.loads((run_dir / "results.json").read_text())["config"]
+    assert config["method.name"] == "promptfl-la" and config["method.promptfl-la.tau"] == 0.5 and config["seed"] == 4
+    assert method_name(config) == "promptfl-la"
+    assert make_cfg(config).to_flower() == cfg.to_flower(), "results.json's config reproduces the run's"

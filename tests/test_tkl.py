@@ -295,7 +295,9 @@ def test_tkl_equals_plain_kl_when_not_aligned(seed):
     q = torch.softmax(f, -1)
     ref = (p * (p.log() - q.log())).sum(-1).mean()
     assert temperature_aligned_kl(f, z, aligned=False).item() == pytest.approx(ref.item(), abs=1e-12)
-    ref_torch = torch.nn.functional.kl_div(torch.log_softmax(f, -1), torch.log_softmax(z, -1), log_target=True, reduction="batchmean")
+    ref_torch = torch.nn.functional.kl_div(
+        torch.log_softmax(f, -1), torch.log_softmax(z, -1), log_target=True, reduction="batchmean"
+    )
     assert temperature_aligned_kl(f, z, aligned=False).item() == pytest.approx(ref_torch.item(), abs=1e-12)
 
 

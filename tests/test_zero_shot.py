@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from fedpurel_app import task
+from fedpurel_app.inputs import clip_of
 from fedpurel_app.models import zero_shot_text_features
 
 NAMES = ("zero", "one", "two", "three")
@@ -16,7 +16,7 @@ TEMPLATES = ("a photo of the digit {}.", "a blurry photo of a {}.", "a drawing o
 @pytest.fixture()
 def clip(small_cfg):
     """The run's frozen CLIP in a fresh Clip object (same model, empty cache)."""
-    return dataclasses.replace(task.load_clip(small_cfg))
+    return dataclasses.replace(clip_of(small_cfg.model, small_cfg.data))
 
 
 def _encode(clip, texts):

@@ -11,20 +11,20 @@
     ``"aquarium fish"``); the template is ``"a photo of a {}."``. Images are
     uint8 ``[N, 32, 32, 3]`` in an :class:`~.base.ImageSplit`.
 
-On-disk layout (``data-root`` in the run config), i.e. the official python
-archives extracted into ``data-root``::
+On-disk layout (``data.root`` in the run config), i.e. the official python
+archives extracted into ``data.root``::
 
-    <data-root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}
-    <data-root>/cifar-100-python/{train, test, meta}
+    <data.root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}
+    <data.root>/cifar-100-python/{train, test, meta}
 
 Downloading
     Nothing is downloaded unless the environment variable
     ``FEDPUREL_ALLOW_DOWNLOAD=1`` is set (``1``, ``true`` or ``yes``); then
-    torchvision downloads and extracts the archive into ``data-root`` when the
+    torchvision downloads and extracts the archive into ``data.root`` when the
     files are missing. Without it, missing files raise
-    :class:`CifarNotFoundError` (a ``FileNotFoundError``) naming the folder,
-    the expected layout and both fixes. torchvision checks the MD5 sums of the
-    files; files that fail the check raise a ``RuntimeError`` saying so.
+    :class:`CifarNotFoundError` (a :class:`~fedpurel_app.errors.DataError`) naming the
+    folder, the expected layout and both fixes. torchvision checks the MD5 sums of
+    the files; files that fail the check raise a ``DataError`` saying so.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ _VARIANTS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
 
 
 class CifarNotFoundError(DataError, FileNotFoundError):
-    """The CIFAR files are not in ``data-root`` and downloading is not allowed."""
+    """The CIFAR files are not in ``data.root`` and downloading is not allowed."""
 
 
 def download_allowed() -> bool:
@@ -91,8 +91,8 @@ def load_cifar(name: str, root: str | os.PathLike | None, seed: int = 0) -> Data
         what = "folder does not exist" if not os.path.isdir(folder) else f"missing {', '.join(missing)}"
         raise CifarNotFoundError(
             f"dataset {name!r}: {human} not found in {folder} ({what}); expected the "
-            f"extracted official python archive as <data-root>/{folder_name}/"
-            f"{{{', '.join(files)}}} with data-root={root}, so either put the extracted "
+            f"extracted official python archive as <data.root>/{folder_name}/"
+            f"{{{', '.join(files)}}} with data.root={root}, so either put the extracted "
             f"archive there or set {ALLOW_DOWNLOAD_ENV}=1 on a machine with internet "
             "to let torchvision download it"
         )

@@ -130,8 +130,8 @@ def dirichlet_split(
         raise DataError(
             f"Dirichlet split impossible: {n} samples cannot give each of "
             f"{num_clients} clients at least {min_samples} samples (needs "
-            f"{num_clients * min_samples}); lower num_clients or min_samples, "
-            "or raise n_max / lower the imbalance factor to get more LT samples"
+            f"{num_clients * min_samples}); use fewer clients or a lower data.min-client-samples, "
+            "or raise data.n-max / lower data.imbalance-factor to get more LT samples"
         )
     classes = np.unique(labels)
     per_class = [np.flatnonzero(labels == c) for c in classes]
@@ -158,7 +158,7 @@ def dirichlet_split(
         f"Dirichlet split failed: after {max_tries} draws (alpha={alpha}, "
         f"{num_clients} clients, {n} samples, {len(classes)} classes) no draw gave "
         f"every client >= {min_samples} samples (best smallest client: {best_min}); "
-        "raise alpha, lower min_samples or num_clients, or raise max_tries"
+        "raise data.dirichlet-alpha, lower data.min-client-samples or use fewer clients"
     )
 
 

@@ -66,21 +66,21 @@ NO_GRAD_CHUNK = 256
 
 
 def parse_targets(spec: str) -> str | list[str]:
-    """``lora-targets`` as peft's ``target_modules``: a list of names, or a regex string."""
+    """``peft.lora.targets`` as peft's ``target_modules``: a list of names, or a regex string."""
     spec = spec.strip()
     if spec.startswith(REGEX_PREFIX):
         pattern = spec[len(REGEX_PREFIX) :]
         if not pattern:
-            raise ValueError("lora-targets 're:' has an empty regex")
+            raise ValueError("peft.lora.targets 're:' has an empty regex")
         try:
             re.compile(pattern)
         except re.error as err:
-            raise ValueError(f"lora-targets regex {pattern!r} is invalid: {err}") from None
+            raise ValueError(f"peft.lora.targets regex {pattern!r} is invalid: {err}") from None
         return pattern
     names = [name.strip() for name in spec.split(",")]
     if not names or any(not re.fullmatch(r"[A-Za-z0-9_.]+", name) for name in names):
         raise ValueError(
-            f"lora-targets {spec!r}: give comma-separated module names (e.g. {DEFAULT_TARGETS!r}) "
+            f"peft.lora.targets {spec!r}: give comma-separated module names (e.g. {DEFAULT_TARGETS!r}) "
             f"or '{REGEX_PREFIX}<regex>'"
         )
     return names
@@ -253,7 +253,7 @@ class LoraPeft(PeftVariant):
                 {name.rsplit(".", 1)[-1] for name, m in tower.named_modules() if isinstance(m, nn.Linear)}
             )
             raise ValueError(
-                f"lora-targets {targets!r} cannot be applied to the vision tower of {clip.name}: {err} "
+                f"peft.lora.targets {targets!r} cannot be applied to the vision tower of {clip.name}: {err} "
                 f"(names of its nn.Linear modules: {', '.join(linear)})"
             ) from None
         model.eval()
