@@ -201,7 +201,7 @@ class TrackConfig(Section):
         10, "the per-class accuracy image every this many rounds (and the last)", role="operational", ge=1
     )
     mlflow: bool = knob(False, "also log to a local MLflow store (needs mlflow-skinny)", role="operational")
-    mlflow_uri: str = knob("", "the MLflow store; '' = <output-dir>/mlruns", role="operational")
+    mlflow_uri: str = knob("", "the MLflow store; '' = sqlite:///<output-dir>/mlflow.db", role="operational")
 
 
 class ComponentSection(Section):

@@ -28,6 +28,7 @@ from .plan import Step
 from .protocol import Evaluation
 from .results import RunRecorder, new_run_dir
 from .tkl import temperature_aligned_kl
+from .tracking import Tracking
 from .training import autocast, resolve_precision
 
 
@@ -88,6 +89,13 @@ class ServerRun:
             # Names the run for its nodes; kept through resume (it is in the checkpointed results).
             self.recorder.data["run"] = f"{self.run_dir.name}-{secrets.token_hex(4)}"
             self.resumed_phase = ""
+        completed_round = self.plan.steps[self.done].round if self.done >= 0 else -1
+        self.tracking = Tracking(
+            cfg.track, self.run_dir, cfg.resolved_output_dir(app_dir), [int(c) for c in self.counts],
+            self.recorder.data["config"], completed_round + 1, self.recorder.data.get("mlflow_run"),
+        )
+        if self.tracking.mlflow_run:
+            self.recorder.data["mlflow_run"] = self.tracking.mlflow_run
 
     @property
     def run_dir(self) -> Path:
@@ -133,12 +141,21 @@ class ServerRun:
 
     # --- results ---------------------------------------------------------------------------
 
-    def record(self, step: Step, gm: dict | None = None, pm: dict | None = None, train: dict | None = None) -> None:
-        """Record one executed step in results.json."""
+    def record(
+        self, step: Step, gm: dict | None = None, pm: dict | None = None, train: dict | None = None,
+        extras: dict[str, float] | None = None,
+    ) -> None:
+        """Record one executed step in results.json and the trackers; ``extras``: what the step
+        cost (clients that replied, bytes on the wire, seconds), for the trackers."""
         if step.phase == "zero-shot":
-            self.recorder.zero_shot(self.evaluate_zero_shot(), pm and pm["zero_shot"])
+            gm = self.evaluate_zero_shot()
+            pm = pm and pm["zero_shot"]
+            self.recorder.zero_shot(gm, pm)
         else:
             self.recorder.add_round(step.round, step.phase, gm=gm, pm=pm, train=train)
+        elapsed = {"elapsed": self.recorder.elapsed(), **(extras or {})}
+        last_gm = [s for s in self.plan.steps if s.gm][-1]
+        self.tracking.step(step.round, gm, pm, train, elapsed, last=step is last_gm)
 
     def checkpoint(self, index: int, step: Step) -> None:
         """The state after step ``index``: what a resumed run starts from."""
@@ -150,7 +167,8 @@ class ServerRun:
         if not self.recorder.data["rounds"]:
             zero_shot = self.recorder.data["zero_shot"]
             self.recorder.add_round(0, "final", gm=zero_shot["gm"], pm=zero_shot.get("pm"))
-        self.recorder.finish(self.phi_g)
+        final = self.recorder.finish(self.phi_g)
+        self.tracking.finish(final)
 
 
 __all__ = ["ServerRun", "pm_metrics"]

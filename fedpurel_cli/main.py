@@ -7,6 +7,7 @@
     fedpurel node-data OUT --partition-id I --num-partitions N [--set key=value ...]
     fedpurel folder-stats DATA_ROOT {imagenet-lt,places-lt} [IF ...]
     fedpurel config [--write | --check]                    (pyproject.toml's [tool.flwr.app.config])
+    fedpurel prepare [presets and key=value strings]       (the embedded CLIP's first pretraining, with a bar)
 """
 
 from __future__ import annotations
@@ -116,6 +117,48 @@ def config_section(text: str) -> str:
     return section.rstrip("\n") + "\n"
 
 
+def prepare(argv: Sequence[str]) -> int:
+    """Pretrain the embedded CLIP of a run config, if it is not in the cache yet, in this terminal
+    (with a progress bar), so that the run itself starts at once. Nothing to do for other models.
+    When a checkpoint of this model and dataset is cached, this returns without importing torch."""
+    from fedpurel_app.config import default_cache_dir, flat_items
+
+    from .overrides import OverrideError, merge
+
+    try:
+        pairs = merge(list(argv))
+    except OverrideError as err:
+        print(f"fedpurel: {err}", file=sys.stderr)
+        return 2
+    defaults = dict(flat_items(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]))
+    values = {**defaults, **pairs}
+    if values["model.pretrained"] != "embedded":
+        return 0
+    cache = values["model.cache-dir"]
+    folder = Path(cache).expanduser() if cache else default_cache_dir()
+    if any(folder.glob(f"{values['model.name']}__{values['data.name']}__seed*.safetensors")):
+        return 0  # pretrained before (the run checks the exact file, and pretrains itself if need be)
+    import logging
+
+    from flwr.common.config import unflatten_dict
+
+    from fedpurel_app.config import parse_run_config
+    from fedpurel_app.data.client import BACKBONE_SEED, dataset
+    from fedpurel_app.errors import UserError
+    from fedpurel_app.models.pretrain import ensure_embedded_checkpoint
+
+    logging.basicConfig(level=logging.WARNING, format="fedpurel: %(message)s")
+    logging.getLogger("fedpurel_app").setLevel(logging.INFO)
+    try:
+        cfg = parse_run_config(unflatten_dict(pairs))
+        bundle = dataset(cfg.data.name, cfg.data.root)
+        ensure_embedded_checkpoint(cfg.model.name, bundle, cache_dir=cfg.model.cache_dir or None, seed=BACKBONE_SEED)
+    except UserError as err:
+        print(f"fedpurel: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
@@ -126,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "node-data": node_data,
         "folder-stats": folder_stats,
         "config": config,
+        "prepare": prepare,
     }
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)

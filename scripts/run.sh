@@ -51,6 +51,9 @@ trap cleanup EXIT
 # an unknown key stops here with one line.
 overrides=$(fedpurel overrides "$@")
 
+# The embedded CLIP's first use pretrains it (about a minute): here, with a progress bar.
+fedpurel prepare "$@"
+
 app=$(fedpurel stage "$stage/app")
 # Unbuffered: the log goes through a pipe, and each round's line should show when it is logged.
 PYTHONUNBUFFERED=1 flwr run "$app" --stream \

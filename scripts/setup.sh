@@ -15,7 +15,7 @@ python=${PYTHON:-python3}
 .venv/bin/pip install --quiet --upgrade pip
 # torch first, as the pair that open_clip (through torchvision) imports beside.
 .venv/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/pip install --quiet -e ".[test,report]"
+.venv/bin/pip install --quiet -e ".[test,track]"
 # Data only (animal silhouettes for the 20-class embedded dataset); its own loader's
 # dependencies (tensorflow) are not needed and break Ray in the same process.
 .venv/bin/pip install --quiet --no-deps "animal-mnist==0.4"

@@ -16,6 +16,7 @@ no traceback, and Flower records the run as failed.
 from __future__ import annotations
 
 import logging
+import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
@@ -82,8 +83,15 @@ def _execute(grid: Grid, run: ServerRun) -> None:
     )
     num_classes = len(run.counts)
 
+    cost = {"bytes-down": 0, "bytes-up": 0, "replies": 0}  # of the current step, for the trackers
+
     def exchange(messages: list[Message]) -> list[Message]:
-        return send_and_receive(grid, messages, cfg.round_timeout)
+        messages = list(messages)
+        replies = send_and_receive(grid, messages, cfg.round_timeout)
+        cost["bytes-down"] += sum(_content_bytes(m) for m in messages)
+        cost["bytes-up"] += sum(_content_bytes(m) for m in replies)
+        cost["replies"] += sum(not m.has_error() for m in replies)
+        return replies
 
     def instruction(rnd: int, evaluate: bool = False) -> Instruction:
         return Instruction(rnd, run.tag, run.class_counts_for_messages(), evaluate)
@@ -131,6 +139,8 @@ def _execute(grid: Grid, run: ServerRun) -> None:
         if index <= run.done:
             continue
         gm = pm = train = None
+        started = time.perf_counter()
+        cost.update({"bytes-down": 0, "bytes-up": 0, "replies": 0})
         if step.phase == "zero-shot":
             pm = evaluate_pm(0) if step.pm else None
         if step.train:
@@ -147,13 +157,20 @@ def _execute(grid: Grid, run: ServerRun) -> None:
             gm = run.evaluate_gm()
         if step.pm and step.phase != "zero-shot" and step.personalize != "all":
             pm = evaluate_pm(step.round)
-        run.record(step, gm=gm, pm=pm, train=train)
+        run.record(step, gm=gm, pm=pm, train=train, extras={**cost, "seconds": time.perf_counter() - started})
         run.checkpoint(index, step)
         _log_step(run, step, total, gm, pm, train)
     run.finish()
     for line in run.recorder.table().splitlines():
         log(INFO, "[fedpurel] %s", line)
     log(INFO, "[fedpurel] results: %s", run.run_dir / "results.json")
+
+
+def _content_bytes(msg: Message) -> int:
+    """Bytes of a message's records (Flower's own count: the arrays' data, keys and metrics)."""
+    if msg.has_error():
+        return 0
+    return sum(record.count_bytes() for record in msg.content.values())
 
 
 def _by_partition(replies: list) -> list:

@@ -65,7 +65,7 @@ def encode_images(clip: "Clip", split: Any, batch_size: int = 256) -> torch.Tens
         from tqdm import tqdm
 
         starts = range(0, n, batch_size)
-        for start in tqdm(starts, desc="image features", unit="batch", disable=n < 4096, mininterval=5):
+        for start in tqdm(starts, desc="image features", unit="batch", disable=None if n >= 4096 else True, leave=False):
             x = preprocess_images(clip.preprocess, split, start, min(start + batch_size, n))
             feats = model.encode_image(x.to(device), normalize=True)
             chunks.append(feats.float().cpu())

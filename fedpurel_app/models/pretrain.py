@@ -27,7 +27,9 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from ..config import default_cache_dir
 from ..storage import file_lock, save_tensors_atomic
 from .features import preprocess_images
 
@@ -58,12 +60,6 @@ RECIPE_VERSION = 1
 # the cores (OpenMP threads spin-waiting for each other); one thread also makes the checkpoint
 # independent of the machine's core count.
 PRETRAIN_THREADS = 1
-
-
-def default_cache_dir() -> Path:
-    """$FEDPUREL_CACHE, else ~/.cache/fedpurel."""
-    env = os.environ.get("FEDPUREL_CACHE")
-    return Path(env).expanduser() if env else Path("~/.cache/fedpurel").expanduser()
 
 
 # --------------------------------------------------------------------------- pretraining
@@ -160,6 +156,8 @@ def pretrain_clip(
 
     model.train()
     step = 0
+    # A bar on a terminal, nothing in a log (tqdm's disable=None); the caller logs start and end.
+    bar = tqdm(total=total, desc="pretraining the embedded CLIP", unit="step", disable=None, leave=False)
     for _ in range(epochs):
         perm = torch.randperm(n, generator=gen)
         tmpl = torch.randint(n_templates, (n,), generator=gen)
@@ -180,6 +178,8 @@ def pretrain_clip(
             with torch.no_grad():
                 model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
             step += 1
+            bar.update()
+    bar.close()
     model.eval()
 
 
@@ -346,6 +346,8 @@ def ensure_embedded_checkpoint(
     with file_lock(path.with_name(path.name + ".lock")):
         if path.is_file():  # another process finished it while we waited
             return path
+        log.info("pretraining the embedded %s on %s (first use; about a minute on 2 cores) -> %s",
+                 model_name, getattr(dataset, "name", "its dataset"), path)
         t0 = time.perf_counter()
         model = train_embedded_model(model_name, dataset, seed, epochs, batch_size, lr)
         seconds = time.perf_counter() - t0
