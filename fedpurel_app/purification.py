@@ -1,4 +1,4 @@
-"""Gradient purification, METHOD.md "Stage 1", steps 4-5.
+"""Gradient purification, docs/METHOD.md "Purification".
 
 With ``g_task`` the gradient of ``L_task = CE(f, y)`` and ``g_align`` the
 gradient of ``L_align = TKL(z || f)`` with respect to phi_g, for every unit

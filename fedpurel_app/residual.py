@@ -1,4 +1,4 @@
-"""Personalized residual learning, METHOD.md "Stage 2".
+"""Personalized residual learning, docs/METHOD.md "Stage 2".
 
 phi_g is frozen; client k trains a private residual phi_k. With
 ``l_G`` the (scaled) logits of the global model and ``l_P`` those of the

@@ -1,4 +1,4 @@
-"""Temperature-aligned KL divergence (TKL), METHOD.md "Stage 1", step 3.
+"""Temperature-aligned KL divergence (TKL), docs/METHOD.md "TKL".
 
 The alignment loss of Stage 1 keeps the global model (phi_g) close to the
 zero-shot CLIP teacher without forcing it to copy the teacher's confidence:
@@ -39,7 +39,7 @@ __all__ = [
     "temperature_aligned_kl",
 ]
 
-#: Lower clamp applied to probabilities inside the KL (METHOD.md: 1e-12).
+#: Lower clamp applied to probabilities inside the KL (docs/METHOD.md "TKL": 1e-12).
 PROB_CLAMP: float = 1e-12
 _LOG_PROB_CLAMP: float = math.log(PROB_CLAMP)
 
@@ -62,8 +62,8 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 def entropy(logits: Tensor) -> Tensor:
     """Per-row Shannon entropy of ``softmax(logits)`` over the last dim.
 
-    ``H(p) = -sum_c p_c log p_c`` with the natural log (METHOD.md Stage 1,
-    step 3). Terms with ``p_c = 0`` (e.g. ``-inf`` logits) contribute 0.
+    ``H(p) = -sum_c p_c log p_c`` with the natural log (docs/METHOD.md "TKL").
+    Terms with ``p_c = 0`` (e.g. ``-inf`` logits) contribute 0.
 
     Args:
         logits: ``[..., C]`` tensor (typically ``[B, C]``).
@@ -119,7 +119,7 @@ def solve_temperature(
 ) -> Tensor:
     """Per-row tau in ``[tau_min, tau_max]`` with ``H(softmax(logits / tau)) = target``.
 
-    Batched bracket search over all rows at once (METHOD.md Stage 1, step 3;
+    Batched bracket search over all rows at once (docs/METHOD.md "TKL";
     the reference bisects tau in [0.05, 20]). Entropy is non-decreasing in
     tau. Each round evaluates the entropy at ``K = points`` evenly spaced
     interior probes ``lo + j w`` (``j = 1..K``) of every row's bracket
@@ -210,7 +210,7 @@ def aligned_temperatures(
 
     ``H* = (H(softmax(f)) + H(softmax(z))) / 2`` per row, then
     ``tau_f = solve_temperature(f, H*)`` and ``tau_z = solve_temperature(z, H*)``
-    (METHOD.md Stage 1, step 3). No gradient flows through the solve.
+    (docs/METHOD.md "TKL"). No gradient flows through the solve.
 
     Args:
         student_logits: ``f``, ``[B, C]`` logits of the model with phi_g.
@@ -251,7 +251,7 @@ def temperature_aligned_kl(
     aligned: bool = True,
     **solve_kwargs: Any,
 ) -> Tensor:
-    """TKL alignment loss ``L_align`` (METHOD.md Stage 1, step 3).
+    """TKL alignment loss ``L_align`` (docs/METHOD.md "TKL").
 
     ``L = mean_b sum_c p_c (log p_c - log q_c)`` with
     ``p = softmax(z / tau_z)`` (teacher, detached) and

@@ -58,7 +58,7 @@ def test_phrase_init_reproduces_the_phrase_prompt(clip, classnames):
 
 
 def test_phrase_length_must_match_n_ctx(clip, classnames):
-    with pytest.raises(ValueError, match="has 4 tokens but n-ctx is 3"):
+    with pytest.raises(ValueError, match="has 4 tokens but peft.prompt.n-ctx is 3"):
         PromptPeft(clip, classnames, n_ctx=3, ctx_init="a photo of a")
 
 

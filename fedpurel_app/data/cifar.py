@@ -4,7 +4,7 @@
     ``train`` is the full, balanced 50,000-image CIFAR train set: the *pool*
     the long-tailed train set is sampled from by :mod:`.fedlt` (500 images per
     class for CIFAR-100 and 5,000 for CIFAR-10, so ``n-max`` can be up to 500
-    / 5000; the usual CIFAR-LT setting is ``n-max = 500``, ``imbalance-factor
+    / 5000; the usual CIFAR-LT setting is ``data.n-max = 500``, ``data.imbalance-factor
     = 100``). ``test`` is the balanced 10,000-image test set, ``pretrain`` is
     ``None`` (real pretrained CLIP weights are used). Class names come from
     the dataset's own meta file (CIFAR-100's underscores become spaces, e.g.

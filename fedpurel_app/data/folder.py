@@ -2,9 +2,9 @@
 
 ``imagenet-lt`` (1,000 classes) / ``places-lt`` (365 classes)
 
-Layout (``data-root`` in the run config)::
+Layout (``data.root`` in the run config)::
 
-    <data-root>/
+    <data.root>/
         ImageNet_LT_train.txt      # "relative/path label" per line
         ImageNet_LT_test.txt       # or ImageNet_LT_val.txt (used if no _test)
         classnames.txt             # optional, one class name per line
@@ -12,16 +12,16 @@ Layout (``data-root`` in the run config)::
         val/...
 
 (``Places_LT_train.txt`` / ``Places_LT_test.txt`` / ``Places_LT_val.txt`` for
-Places-LT.) The split files are looked for in ``<data-root>`` and then in
-``<data-root>/ImageNet_LT`` (``Places_LT``, ``Places_LT_v2``). Image paths in
-the lists are relative to ``<data-root>`` (a leading ``/`` is ignored).
+Places-LT.) The split files are looked for in ``<data.root>`` and then in
+``<data.root>/ImageNet_LT`` (``Places_LT``, ``Places_LT_v2``). Image paths in
+the lists are relative to ``<data.root>`` (a leading ``/`` is ignored).
 Every listed image must exist; images are opened lazily, one at a time, by
 :meth:`FileSplit.pil`. The test list is ``*_test.txt`` (ImageNet-LT: 50 per
 class, Places-LT: 100 per class); ``*_val.txt`` is used only when there is no
 test list (with a warning).
 
 Class names
-    ``<data-root>/classnames.txt``: one name per line in the lists' label
+    ``<data.root>/classnames.txt``: one name per line in the lists' label
     order (label 0 first). A leading WordNet id (``n01440764 tench``) is
     dropped. None ships with fedpurel: provide the real names (ImageNet-LT
     uses the standard ImageNet-1k classes in the usual label order; Places-LT
@@ -41,15 +41,15 @@ Train pool and the Fed-LT sampling (the behaviour chosen)
     label first). Class names, train and test labels are all renumbered
     consistently, so names always match; :func:`class_order` gives the
     original label of each new label. The user must pick an ``n-max`` that
-    the pool can supply for the chosen ``imbalance-factor``::
+    the pool can supply for the chosen ``data.imbalance-factor``::
 
-        python -m fedpurel_app.data.folder <data-root> imagenet-lt 100
+        python -m fedpurel_app.data.folder <data.root> imagenet-lt 100
 
     prints the pool's counts and the largest feasible ``n-max`` for IF 100
     (:func:`max_feasible_n_max`); an infeasible one makes ``build_fedlt``
     fail with a message naming the class that runs short. The standard
     ImageNet-LT / Places-LT groups are Many > 100, Few < 20 train images:
-    ``many-threshold = 100``, ``few-threshold = 19`` (groups are computed
+    ``data.many-threshold = 100``, ``data.few-threshold = 19`` (groups are computed
     from the re-sampled counts, not the pool's).
 """
 

@@ -57,7 +57,7 @@ class PFT(PromptFL):
                                cfg.train.weight_decay, data, generator, precision)
 
     def _fine_tune(self, peft, params, lr, momentum, weight_decay, data, generator, precision) -> float:
-        """CE on the personalized logits, ``personal-epochs`` epochs of SGD on ``params``."""
+        """CE on the personalized logits, ``personalize.epochs`` epochs of SGD on ``params``."""
         device = data.features.device
 
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:

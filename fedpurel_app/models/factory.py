@@ -15,7 +15,7 @@ from urllib.error import URLError
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import ConfigError, ModelLoadError
 
 __all__ = [
     "CONFIG_DIR",
@@ -99,20 +99,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         dev = torch.device(key)
     except (RuntimeError, ValueError) as e:
-        raise ValueError(f"unknown device {name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
+        raise ConfigError(f"unknown device {name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(
+            raise ConfigError(
                 f"device {name!r} requested but CUDA is not available on this machine "
                 "(use device='auto' or 'cpu')"
             )
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
-            raise ValueError(f"device {name!r} requested but only {count} CUDA device(s) exist")
+            raise ConfigError(f"device {name!r} requested but only {count} CUDA device(s) exist")
     elif dev.type != "cpu":
         if dev.type == "mps" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return dev
-        raise ValueError(f"device {name!r} is not supported here: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        raise ConfigError(f"device {name!r} is not supported here: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     return dev
 
 

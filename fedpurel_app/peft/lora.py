@@ -54,6 +54,7 @@ from torch import nn
 from pydantic import field_validator
 
 from ..config import PeftConfig, knob
+from ..errors import ConfigError
 from ..models import Clip
 from ..registry import PEFT_VARIANTS
 from .base import PeftVariant, checked_state
@@ -248,11 +249,11 @@ class LoraPeft(PeftVariant):
                 torch.manual_seed(seed)
                 model = get_peft_model(tower, config(), adapter_name=self.GLOBAL)
                 model.add_adapter(self.PRIVATE, config())
-        except ValueError as err:
+        except ValueError as err:  # peft: no module matches the targets
             linear = sorted(
                 {name.rsplit(".", 1)[-1] for name, m in tower.named_modules() if isinstance(m, nn.Linear)}
             )
-            raise ValueError(
+            raise ConfigError(
                 f"peft.lora.targets {targets!r} cannot be applied to the vision tower of {clip.name}: {err} "
                 f"(names of its nn.Linear modules: {', '.join(linear)})"
             ) from None

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, knob
+from ..errors import ConfigError
 from ..models import Clip
 from ..registry import PEFT_VARIANTS
 from .base import PeftVariant
@@ -88,7 +89,7 @@ class PromptPeft(PeftVariant):
         cls, clip: Clip, classnames: tuple[str, ...], template: str, options: PromptConfig, seed: int
     ) -> PromptPeft:
         """The learned context replaces the dataset's template, so ``template`` is not used
-        (``ctx-init`` plays its part)."""
+        (``peft.prompt.ctx-init`` plays its part)."""
         return cls(clip, classnames, n_ctx=options.n_ctx, ctx_init=options.ctx_init, seed=seed)
 
     @staticmethod
@@ -102,10 +103,10 @@ class PromptPeft(PeftVariant):
         tokens = clip.tokenizer([ctx_init]).to(clip.device)
         n_words = int(tokens.argmax(dim=-1)[0]) - 1
         if n_words != n_ctx:
-            raise ValueError(
-                f"ctx-init {ctx_init!r} has {n_words} tokens but n-ctx is {n_ctx}: "
-                f"set n-ctx = {n_words} or choose a phrase of {n_ctx} tokens "
-                "(or ctx-init = \"\" for a random init)"
+            raise ConfigError(
+                f"peft.prompt.ctx-init {ctx_init!r} has {n_words} tokens but peft.prompt.n-ctx is {n_ctx}: "
+                f"set peft.prompt.n-ctx = {n_words} or choose a phrase of {n_ctx} tokens "
+                "(or peft.prompt.ctx-init = \"\" for a random init)"
             )
         with torch.no_grad():
             return tower.token_embedding(tokens)[0, 1 : 1 + n_ctx].clone()
