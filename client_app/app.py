@@ -8,7 +8,8 @@ each reply carries: never phi_k, never anything per sample).
 
 Handlers:
 
-- ``train``               Stage 1: the method's (purified) local update of phi_g; replies phi_g.
+- ``train``               Stage 1: the method's (purified) local update of phi_g; replies phi_g
+                          (in a DP run clipped to the clipping norm by Flower's fixedclipping_mod).
 - ``train.personalize``   Stage 2: the method's personalization of its private parameters
                           against the received (frozen) phi_g; replies metrics only (with the
                           PM evaluation when the server asks for it in the same message).
@@ -29,6 +30,7 @@ from logging import ERROR
 import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import log
 from flwr.common.config import unflatten_dict
 
@@ -96,7 +98,16 @@ def _user_errors_reply(handler: Callable[[Message, Context], Message]) -> Callab
     return wrapped
 
 
-@app.train()
+def dp_clipping(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """A DP run's Stage-1 message carries the clipping norm: then Flower's ``fixedclipping_mod``
+    clips this client's update to it before the reply leaves; otherwise the reply is untouched."""
+    config = msg.content.config_records.get(protocol.CONFIG)
+    if config is not None and protocol.CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[dp_clipping])
 @_user_errors_reply
 def train(msg: Message, context: Context) -> Message:
     """Stage 1: the method's (purified) local epochs on phi_g; reply with phi_g only."""

@@ -193,6 +193,30 @@ class TklConfig(Section):
         return self
 
 
+class DpConfig(Section):
+    """Client-level differential privacy of the Stage-1 updates (docs/METHOD.md "Privacy")."""
+
+    enabled: bool = knob(False, "clip every Stage-1 update to clipping-norm, add Gaussian noise at aggregation",
+                         role="training")
+    noise_multiplier: float = knob(1.0, "z: noise std z * C / (sampled clients) on the mean update", role="training",
+                                   ge=0.0)
+    clipping_norm: float = knob(0.1, "C: L2 norm bound of a client's update of phi_g", role="training", gt=0.0)
+    delta: float = knob(0.0001, "delta of the (epsilon, delta) reported", role="training", gt=0.0, lt=1.0)
+    target_epsilon: float = knob(
+        0.0, "> 0: the noise multiplier is the smallest reaching this epsilon after train.rounds (overrides it)",
+        role="training", ge=0.0,
+    )
+
+    @model_validator(mode="after")
+    def _some_noise(self) -> DpConfig:
+        if self.enabled and self.noise_multiplier <= 0 and self.target_epsilon <= 0:
+            raise ValueError(
+                "dp.enabled needs noise: set dp.noise-multiplier > 0 or dp.target-epsilon > 0 "
+                "(clipping alone gives no privacy guarantee)"
+            )
+        return self
+
+
 class TrackConfig(Section):
     """What a run writes besides results.json as it goes: TensorBoard events, MLflow (fedpurel_app/tracking.py)."""
 
@@ -243,6 +267,7 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     personalize: PersonalizeConfig = PersonalizeConfig()
     tkl: TklConfig = TklConfig()
+    dp: DpConfig = DpConfig()
     track: TrackConfig = TrackConfig()
 
     def to_flower(self) -> dict[str, Any]:
@@ -522,6 +547,7 @@ __all__ = [
     "ComponentConfig",
     "ConfigError",
     "DataConfig",
+    "DpConfig",
     "MethodConfig",
     "ModelConfig",
     "NodeConfig",

@@ -47,6 +47,8 @@ CONFIG = "config"  # the record of the Instruction
 METRICS = "metrics"  # the record of a reply
 
 USER_ERROR = 100  # Error code of a reply whose ClientApp stopped on a user error
+# The clipping norm of a DP run in a train message's config: the key Flower's fixedclipping_mod reads.
+CLIPPING_NORM = "clipping_norm"
 
 # Stage-1 statistics a train reply may carry (means over the client's steps).
 TRAIN_STATS = ("steps", "task-loss", "align-loss", "conflict-rate", "mean-cosine")
@@ -88,12 +90,14 @@ class Instruction:
     its private state in a folder of this run, so that a resumed run finds it again.
     ``class_counts``: the global long-tailed train counts, for methods that need the prior.
     ``evaluate``: a personalization message also evaluates the personalized model.
+    ``clipping_norm``: a DP run's Stage-1 message: the client clips its update to this norm.
     """
 
     server_round: int
     run: str = ""
     class_counts: tuple[int, ...] | None = None
     evaluate: bool = False
+    clipping_norm: float | None = None
 
     def to_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"server-round": self.server_round, "run": self.run}
@@ -101,11 +105,16 @@ class Instruction:
             config["class-counts"] = [int(c) for c in self.class_counts]
         if self.evaluate:
             config["evaluate"] = True
+        if self.clipping_norm is not None:
+            config[CLIPPING_NORM] = float(self.clipping_norm)
         return config
 
     @classmethod
     def read(cls, config: Mapping[str, Any]) -> Instruction:
-        _only(config, {"server-round", "run", "class-counts", "evaluate"})
+        _only(config, {"server-round", "run", "class-counts", "evaluate", CLIPPING_NORM})
+        clipping = config.get(CLIPPING_NORM)
+        if clipping is not None and (not isinstance(clipping, float) or not math.isfinite(clipping) or clipping <= 0):
+            raise ProtocolError(f"'{CLIPPING_NORM}' is {clipping!r}, expected a finite number > 0")
         counts = config.get("class-counts")
         if counts is not None and (
             not isinstance(counts, list) or not all(isinstance(c, int) and c >= 0 for c in counts)
@@ -116,7 +125,7 @@ class Instruction:
             raise ProtocolError(f"'run' is {run!r}, expected a string")
         return cls(
             _int(config, "server-round"), run, None if counts is None else tuple(counts),
-            bool(config.get("evaluate", False)),
+            bool(config.get("evaluate", False)), clipping,
         )
 
 

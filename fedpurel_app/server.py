@@ -25,6 +25,7 @@ from .methods.base import build_method
 from .metrics import gm_summary, pm_summary
 from .peft.base import build_peft, input_kind
 from .plan import Step
+from .privacy import PrivacyAccountant, noise_for_epsilon
 from .protocol import Evaluation
 from .results import RunRecorder, new_run_dir
 from .tkl import temperature_aligned_kl
@@ -69,6 +70,7 @@ class ServerRun:
         self.config_key = fingerprint(cfg, "checkpoint")
         #: The index of the last completed step (-1: none yet).
         self.done = -1
+        self.accountant: PrivacyAccountant | None = None
         if cfg.resume_from:
             run_dir = Path(cfg.resume_from).expanduser()
             run_dir = run_dir if run_dir.is_absolute() else (app_dir / run_dir).resolve()
@@ -107,6 +109,38 @@ class ServerRun:
         and a random suffix, drawn once per run and kept through resume."""
         return self.recorder.data.get("run") or self.run_dir.name
 
+    # --- differential privacy ----------------------------------------------------------------
+
+    def start_privacy(self, population: int) -> float:
+        """The noise multiplier of a DP run with ``population`` clients (computed from
+        ``dp.target-epsilon`` for the plan's Stage-1 rounds when that is set); kept through resume."""
+        dp, train = self.cfg.dp, self.cfg.train
+        record = self.recorder.data.setdefault("privacy", {})
+        if "noise_multiplier" not in record:
+            planned = [
+                population if (step.round == 1 and train.all_clients_first_round)
+                else min(population, max(1, round(population * train.fraction)))
+                for step in self.plan.steps if step.train
+            ]
+            z = dp.noise_multiplier
+            if dp.target_epsilon > 0:
+                z = noise_for_epsilon(dp.target_epsilon, dp.delta, population, planned)
+            record.update(noise_multiplier=z, clipping_norm=dp.clipping_norm, delta=dp.delta, population=population,
+                          releases=[], epsilon=0.0)
+        self.accountant = PrivacyAccountant(record["noise_multiplier"], record["population"], record["delta"])
+        for sampled in record["releases"]:
+            self.accountant.add_round(sampled)
+        return float(record["noise_multiplier"])
+
+    def privacy_release(self, sampled: int) -> dict[str, float]:
+        """Account one Stage-1 release of ``sampled`` clients; the round's ``privacy.*`` report."""
+        self.accountant.add_round(sampled)
+        report = self.accountant.report(self.cfg.dp.clipping_norm)
+        record = self.recorder.data["privacy"]
+        record["releases"].append(sampled)
+        record["epsilon"] = report["epsilon"]
+        return report
+
     def class_counts_for_messages(self) -> tuple[int, ...] | None:
         """The global class counts, for a method that needs the prior in its messages."""
         return tuple(int(c) for c in self.counts) if self.method.needs_prior else None
@@ -143,18 +177,21 @@ class ServerRun:
 
     def record(
         self, step: Step, gm: dict | None = None, pm: dict | None = None, train: dict | None = None,
-        extras: dict[str, float] | None = None,
+        extras: dict[str, float] | None = None, privacy: dict[str, float] | None = None,
     ) -> None:
         """Record one executed step in results.json and the trackers; ``extras``: what the step
-        cost (clients that replied, bytes on the wire, seconds), for the trackers."""
+        cost (clients that replied, bytes on the wire, seconds), for the trackers; ``privacy``: the
+        privacy spent after a DP release."""
         if step.phase == "zero-shot":
             gm = self.evaluate_zero_shot()
             pm = pm and pm["zero_shot"]
             self.recorder.zero_shot(gm, pm)
         else:
-            self.recorder.add_round(step.round, step.phase, gm=gm, pm=pm, train=train)
+            self.recorder.add_round(step.round, step.phase, gm=gm, pm=pm, train=train, privacy=privacy)
         elapsed = {"elapsed": self.recorder.elapsed(), **(extras or {})}
         last_gm = [s for s in self.plan.steps if s.gm][-1]
+        if privacy:
+            elapsed.update({f"privacy-{k}": v for k, v in privacy.items()})
         self.tracking.step(step.round, gm, pm, train, elapsed, last=step is last_gm)
 
     def checkpoint(self, index: int, step: Step) -> None:

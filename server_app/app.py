@@ -80,6 +80,7 @@ def _execute(grid: Grid, run: ServerRun) -> None:
         seed=cfg.seed,
         max_examples=int(run.counts.sum()),
         num_classes=len(run.counts),
+        dp=cfg.dp if cfg.dp.enabled else None,
     )
     num_classes = len(run.counts)
 
@@ -93,8 +94,9 @@ def _execute(grid: Grid, run: ServerRun) -> None:
         cost["replies"] += sum(not m.has_error() for m in replies)
         return replies
 
-    def instruction(rnd: int, evaluate: bool = False) -> Instruction:
-        return Instruction(rnd, run.tag, run.class_counts_for_messages(), evaluate)
+    def instruction(rnd: int, evaluate: bool = False, train: bool = False) -> Instruction:
+        clipping = cfg.dp.clipping_norm if train and cfg.dp.enabled else None
+        return Instruction(rnd, run.tag, run.class_counts_for_messages(), evaluate, clipping)
 
     def restored(what: str, replies: list) -> None:
         count = sum(int(reply.restored) for _, reply in replies)
@@ -138,15 +140,22 @@ def _execute(grid: Grid, run: ServerRun) -> None:
     for index, step in enumerate(plan.steps):
         if index <= run.done:
             continue
-        gm = pm = train = None
+        gm = pm = train = privacy = None
         started = time.perf_counter()
         cost.update({"bytes-down": 0, "bytes-up": 0, "replies": 0})
         if step.phase == "zero-shot":
             pm = evaluate_pm(0) if step.pm else None
         if step.train:
-            replies = exchange(list(strategy.configure_train(step.round, ArrayRecord(run.phi_g),
-                                                            instruction(step.round), grid)))
+            messages = list(strategy.configure_train(step.round, ArrayRecord(run.phi_g),
+                                                     instruction(step.round, train=True), grid))
+            if cfg.dp.enabled and run.accountant is None:
+                strategy.noise_multiplier = run.start_privacy(len(strategy.nodes(grid)))
+                log(INFO, "[fedpurel] differential privacy: noise multiplier %.4g, clipping norm %g, delta %g",
+                    strategy.noise_multiplier, cfg.dp.clipping_norm, cfg.dp.delta)
+            replies = exchange(messages)
             arrays, metrics = strategy.aggregate_train(step.round, replies)
+            if cfg.dp.enabled:
+                privacy = run.privacy_release(len(strategy.last_sampled))
             run.phi_g = arrays.to_torch_state_dict()
             train = dict(metrics) if metrics is not None else {}
             train["clients"] = len(strategy.last_sampled)
@@ -157,9 +166,10 @@ def _execute(grid: Grid, run: ServerRun) -> None:
             gm = run.evaluate_gm()
         if step.pm and step.phase != "zero-shot" and step.personalize != "all":
             pm = evaluate_pm(step.round)
-        run.record(step, gm=gm, pm=pm, train=train, extras={**cost, "seconds": time.perf_counter() - started})
+        run.record(step, gm=gm, pm=pm, train=train, extras={**cost, "seconds": time.perf_counter() - started},
+                   privacy=privacy)
         run.checkpoint(index, step)
-        _log_step(run, step, total, gm, pm, train)
+        _log_step(run, step, total, gm, pm, train, privacy)
     run.finish()
     for line in run.recorder.table().splitlines():
         log(INFO, "[fedpurel] %s", line)
@@ -179,16 +189,23 @@ def _by_partition(replies: list) -> list:
     return [reply for _, reply in sorted(replies, key=lambda pair: pair[1].partition_id)]
 
 
-def _log_step(run: ServerRun, step: Step, total: int, gm: dict | None, pm: dict | None, train: dict | None) -> None:
+def _log_step(
+    run: ServerRun, step: Step, total: int, gm: dict | None, pm: dict | None, train: dict | None,
+    privacy: dict | None = None,
+) -> None:
     elapsed = run.recorder.elapsed()
     if step.phase == "zero-shot":
         zs = run.recorder.data["zero_shot"]["gm"]
         log(INFO, "[fedpurel] zero-shot   GM all %s few %s", _fmt(zs["all"]), _fmt(zs["few"]))
     elif step.phase == "global":
+        spent = "" if privacy is None else (
+            f" | privacy epsilon {privacy['epsilon']:.3g} delta {privacy['delta']:g} "
+            f"(noise multiplier {privacy['noise_multiplier']:.3g}, clipping norm {privacy['clipping_norm']:g})"
+        )
         log(
-            INFO, "[fedpurel] round %d/%d global    GM all %s few %s | conflict %s | %.1fs",
+            INFO, "[fedpurel] round %d/%d global    GM all %s few %s | conflict %s | %.1fs%s",
             step.round, total, _fmt(gm and gm["all"]), _fmt(gm and gm["few"]),
-            _fmt(train and train.get("conflict-rate")), elapsed,
+            _fmt(train and train.get("conflict-rate")), elapsed, spent,
         )
     elif step.phase == "personal":
         log(INFO, "[fedpurel] round %d/%d personal  PM all %s | %.1fs", step.round, total,

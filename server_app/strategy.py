@@ -22,13 +22,16 @@ from logging import INFO, WARNING
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedpurel_app import protocol
+from fedpurel_app.config import DpConfig
 from fedpurel_app.errors import ClientError
+from fedpurel_app.privacy import private_mean, update_norm
 from fedpurel_app.protocol import Identity, Instruction, ProtocolError, TrainReply
 
 R = TypeVar("R")
@@ -47,6 +50,7 @@ class FedPuReLStrategy(FedAvg):
         max_examples: int = 10**9,
         min_valid_replies: int = 1,
         num_classes: int = 1,
+        dp: DpConfig | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -61,7 +65,11 @@ class FedPuReLStrategy(FedAvg):
         self.max_examples = max_examples
         self.min_valid_replies = min_valid_replies
         self.num_classes = num_classes
+        #: Client-level DP of the Stage-1 updates (None: off); its noise multiplier may be set later.
+        self.dp = dp
+        self.noise_multiplier = dp.noise_multiplier if dp is not None else 0.0
         self.last_sampled: list[int] = []
+        self.sent: dict[str, torch.Tensor] = {}
         # node id -> the partition-id it reports. Node ids are random per simulation run;
         # ordering nodes by partition makes sampling and aggregation reproducible.
         self.partitions: dict[int, int] = {}
@@ -113,6 +121,7 @@ class FedPuReLStrategy(FedAvg):
     ) -> Iterable[Message]:
         """Stage 1: phi_g and the instruction to the sampled clients."""
         self.last_sampled = self.sample(server_round, grid)
+        self.sent = arrays.to_torch_state_dict()
         return self.messages(self.last_sampled, protocol.TRAIN, _instruction(config, server_round), arrays)
 
     def configure_personalize(
@@ -171,11 +180,15 @@ class FedPuReLStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Weighted FedAvg of phi_g over the valid replies; every other reply is dropped and logged.
+        With DP: the uniform mean of the (clipped) updates over the sampled clients plus Gaussian
+        noise (:func:`fedpurel_app.privacy.private_mean`); an update beyond the clipping norm is dropped.
 
         Raises RuntimeError when fewer than ``min_valid_replies`` valid replies remain.
         """
         what = f"round {server_round}"
         kept = [msg for msg, _ in self.read_replies(what, replies, self._read_train, self.last_sampled)]
+        if self.dp is not None:
+            kept = [msg for msg in kept if self._within_clipping_norm(what, msg)]
         if len(kept) < self.min_valid_replies:
             raise RuntimeError(
                 f"{what}: only {len(kept)} valid client update(s), "
@@ -187,7 +200,20 @@ class FedPuReLStrategy(FedAvg):
         arrays, metrics = super().aggregate_train(server_round, kept)
         if metrics is not None and "partition-id" in metrics:
             del metrics["partition-id"]  # an identity, not a statistic to average
+        if self.dp is not None:
+            updates = [_phi_g_of(msg) for msg in kept]
+            released = private_mean(self.sent, updates, len(self.last_sampled), self.noise_multiplier,
+                                    self.dp.clipping_norm)
+            arrays = ArrayRecord(released)
         return arrays, metrics
+
+    def _within_clipping_norm(self, what: str, msg: Message) -> bool:
+        norm = update_norm(_phi_g_of(msg), self.sent)
+        if norm <= self.dp.clipping_norm * (1 + 1e-5) + 1e-9:
+            return True
+        log(WARNING, "%s: dropped the update of node %d: its norm %.6g exceeds the clipping norm %g",
+            what, msg.metadata.src_node_id, norm, self.dp.clipping_norm)
+        return False
 
     def _read_train(self, msg: Message) -> TrainReply:
         """A Stage-1 reply: exactly one ArrayRecord that is exactly phi_g, and its metrics."""
@@ -215,6 +241,10 @@ def _instruction(config: ConfigRecord | Instruction, server_round: int) -> Instr
     if isinstance(config, Instruction):
         return config
     return Instruction(server_round)
+
+
+def _phi_g_of(msg: Message) -> dict[str, torch.Tensor]:
+    return next(iter(msg.content.array_records.values())).to_torch_state_dict()
 
 
 def metrics_of(msg: Message) -> dict[str, Any]:

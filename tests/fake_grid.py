@@ -1,7 +1,7 @@
 """A Flower Grid whose SuperNodes are the ClientApp's handlers, called in this process.
 
 The ServerApp's real plan executor runs against it: every message goes
-through the same handlers, records and checks as in Flower, without
+through the same ClientApp (its handlers and their mods), records and checks as in Flower, without
 processes or a network. ``kill_at_round`` makes the grid raise while a step
 of that round is sent (the server dies there); ``node_id`` renumbers nodes,
 as a restart does.
@@ -18,14 +18,6 @@ from client_app import app as client
 from fedpurel_app import protocol
 from fedpurel_app.config import parse_run_config
 from server_app import app as server
-
-HANDLERS = {
-    protocol.TRAIN: client.train,
-    protocol.PERSONALIZE: client.personalize,
-    protocol.EVALUATE: client.evaluate,
-    protocol.QUERY: client.query,
-}
-
 
 class Killed(Exception):
     """The server process dies."""
@@ -77,8 +69,9 @@ class DirectGrid:
         return ids
 
     def reply(self, msg: Message) -> Message | None:
-        """What the node answers to ``msg`` (None: it never answers)."""
-        return HANDLERS[msg.metadata.message_type](msg, self.contexts[msg.metadata.dst_node_id])
+        """What the node answers to ``msg`` (None: it never answers): the ClientApp itself, with the
+        handler its message type names and that handler's mods."""
+        return client.app(msg, self.contexts[msg.metadata.dst_node_id])
 
     def pull_messages(self, message_ids) -> list[Message]:
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
