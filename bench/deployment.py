@@ -39,11 +39,13 @@ from framework_overhead import flower_run  # noqa: E402
 
 from deploy.loopback import loopback_env, message_start_cost  # noqa: E402
 
-DEFAULT = ["num-rounds=3", "personal-rounds=2", "local-epochs=1", "personal-epochs=1", "client-test-size=30"]
+DEFAULT = ["train.rounds=3", "personalize.rounds=2", "train.local-epochs=1", "personalize.epochs=1",
+           "data.client-test-size=30"]
 
 
 def message_start(repeats: int) -> list[tuple[float, float, float, float]]:
-    """(imports, model build, first optimizer, wall) of ``repeats`` fresh processes doing what a ClientApp message does first."""
+    """(imports, model build, first optimizer, wall) of ``repeats`` fresh processes doing what a
+    ClientApp message does first."""
     try:
         return [message_start_cost() for _ in range(repeats)]
     except RuntimeError as err:
@@ -54,7 +56,7 @@ def round_times(results: dict) -> dict[int, tuple[str, float]]:
     """{round: (phase, seconds it took)} from a results.json; round 1 is left out (its time
     includes the zero-shot evaluation before it)."""
     rounds = [(r["round"], r["phase"], r["wall_time"]) for r in results["rounds"] if r["phase"] != "final"]
-    return {rnd: (phase, end - prev) for (_, _, prev), (rnd, phase, end) in zip(rounds, rounds[1:])}
+    return {rnd: (phase, end - prev) for (_, _, prev), (rnd, phase, end) in zip(rounds, rounds[1:], strict=False)}
 
 
 def deployment_run(overrides: str, nodes: int, work: Path) -> tuple[float, dict]:
@@ -92,11 +94,11 @@ def main() -> None:
     parser.add_argument("--starts-only", action="store_true", help="time the message start only")
     parser.add_argument("--set", action="append", default=[], help="run-config key=value (added to the default)")
     args = parser.parse_args()
-    overrides = " ".join(DEFAULT + args.set + [f"min-nodes={args.nodes}"])
+    overrides = " ".join(DEFAULT + args.set + [f"train.min-nodes={args.nodes}"])
     print(f"config: embedded default with {overrides}; {args.nodes} SuperNodes; nproc {os.cpu_count()}")
 
     starts = message_start(args.starts)
-    imports, build, optimizer, wall = (statistics.median(column) for column in zip(*starts))
+    imports, build, optimizer, wall = (statistics.median(column) for column in zip(*starts, strict=True))
     print(f"ClientApp message start (fresh process, median of {args.starts}): imports {imports:.1f} s, "
           f"model build {build:.1f} s, first optimizer {optimizer:.1f} s, wall {wall:.1f} s")
     if args.starts_only:

@@ -19,7 +19,6 @@ import os
 import statistics
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,10 +26,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fedpurel_app import task  # noqa: E402
-from fedpurel_app.config import parse_run_config  # noqa: E402
+from common import model, parse_sets, run_cfg  # noqa: E402
+
+from fedpurel_app.data.client import classes  # noqa: E402
 
 
 def full_length_features(clip, tokens, ctx):
@@ -59,12 +59,11 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="run-config key=value (TOML value)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    overrides = tomllib.loads("\n".join(f"{kv.split('=', 1)[0]} = {kv.split('=', 1)[1]}" for kv in args.set))
-    cfg = parse_run_config(dict(overrides, peft="prompt"))
-    clip = task.load_clip(cfg)
-    peft = task.build_model(cfg)
-    classnames = task.dataset(cfg.dataset, cfg.data_root).classnames
-    tokens = clip.tokenizer([" ".join(["X"] * cfg.n_ctx) + f" {name}." for name in classnames]).to(clip.device)
+    cfg = run_cfg({**parse_sets(args.set), "peft.name": "prompt"})
+    clip, peft = model(cfg)
+    classnames, _ = classes(cfg.data)
+    n_ctx = cfg.peft.prompt.n_ctx
+    tokens = clip.tokenizer([" ".join(["X"] * n_ctx) + f" {name}." for name in classnames]).to(clip.device)
     ctx = peft.phi_g.ctx
 
     def short_fwd():
@@ -92,8 +91,9 @@ def main() -> None:
     with torch.no_grad():
         diff = float((peft.text_features(peft.phi_g) - full_length_features(clip, tokens, ctx)).abs().max())
     length = peft.positional.shape[0]
-    print(f"config: dataset={cfg.dataset} ({len(classnames)} classes), model={cfg.model}, n-ctx={cfg.n_ctx}, "
-          f"ctx-init={cfg.ctx_init!r}; sequence length {length} (max EOT + 1) vs context length "
+    print(f"config: data.name={cfg.data.name} ({len(classnames)} classes), model.name={cfg.model.name}, "
+          f"peft.prompt.n-ctx={n_ctx}, peft.prompt.ctx-init={cfg.peft.prompt.ctx_init!r}; "
+          f"sequence length {length} (max EOT + 1) vs context length "
           f"{tokens.shape[1]}; threads 1, {args.repeats} interleaved repeats, medians")
     for k, (ts, tf) in times.items():
         s, f = statistics.median(ts), statistics.median(tf)

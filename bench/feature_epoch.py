@@ -37,22 +37,69 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fedpurel_app import task  # noqa: E402
-from fedpurel_app.config import parse_run_config  # noqa: E402
-from fedpurel_app.models import preprocess_images  # noqa: E402
-from fedpurel_app.training import seeded_generator, stage1_step  # noqa: E402
+from common import client_inputs, model, run_cfg, stage1_options  # noqa: E402
 from real_size import run_config  # noqa: E402
 
+from fedpurel_app.data.client import fedlt_split  # noqa: E402
+from fedpurel_app.models import preprocess_images  # noqa: E402
+from fedpurel_app.training import seeded_generator, stage1_step  # noqa: E402
 
-def epoch(model, data, cfg, features_of) -> float:
+
+def epoch(peft, data, cfg, opts, features_of) -> float:
     """One Stage-1 epoch; ``features_of(idx)`` gives a batch's image features."""
-    opts = task.stage1_options(cfg)
-    optimizer = torch.optim.SGD(model.global_parameters(), lr=opts.lr, momentum=opts.momentum,
+    optimizer = torch.optim.SGD(peft.global_parameters(), lr=opts.lr, momentum=opts.momentum,
                                 weight_decay=opts.weight_decay)
     start = time.perf_counter()
-    for idx in data.batches(cfg.batch_size, seeded_generator(cfg.seed, 1, 1, 0)):
-        stage1_step(model, features_of(idx), data.labels[idx], data.zero_shot_logits[idx], optimizer, opts)
+    for idx in data.batches(cfg.train.batch_size, seeded_generator(cfg.seed, 1, 1, 0)):
+        stage1_step(peft, features_of(idx), data.labels[idx], data.zero_shot_logits[idx], optimizer, opts)
     return time.perf_counter() - start
+
+
+def bench_variant(variant: str, args: argparse.Namespace) -> None:
+    """Time the epochs of one variant and print them."""
+    cfg = run_cfg({"peft.name": variant, **run_config(args.model)})
+    if args.client < 0:
+        sizes = [len(t) for t in fedlt_split(cfg.data, cfg.seed, args.clients).client_train]
+        args.client = max(range(args.clients), key=sizes.__getitem__)
+    clip, peft = model(cfg)
+    opts = stage1_options(cfg, clip)
+    start_state = peft.global_state()
+    client, data, _ = client_inputs(cfg, clip, args.client, args.clients)
+    split = client.train
+    pixels = preprocess_images(clip.preprocess, split)
+    encoder = clip.model.eval()
+
+    @torch.no_grad()
+    def encoded(idx):
+        return encoder.encode_image(pixels[idx], normalize=True).float()
+
+    @torch.no_grad()
+    def preprocessed_and_encoded(idx):
+        x = torch.stack([clip.preprocess(split.pil(int(i))) for i in idx]).float()
+        return encoder.encode_image(x, normalize=True).float()
+
+    diff = float((encoded(torch.arange(len(data))) - data.features).abs().max())
+    sides = {"cached": lambda idx: data.features[idx], "encoder in the loop": encoded,
+             "+ preprocess": preprocessed_and_encoded}
+    times = {name: [] for name in sides}
+    for r in range(args.repeats + 1):
+        for name, features_of in sides.items():
+            peft.load_global_state(start_state)
+            t = epoch(peft, data, cfg, opts, features_of)
+            if r:  # the first round is a warm-up
+                times[name].append(t)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    steps = -(-len(data) // cfg.train.batch_size)
+    print(f"config: peft.name={variant} model.name={cfg.model.name} data.name={cfg.data.name} client "
+          f"{args.client} of {args.clients} ({len(data)} images, {steps} steps of batch {cfg.train.batch_size}), "
+          f"method.name={cfg.method.name}, "
+          f"threads {args.threads}, {args.repeats} interleaved repeats, medians")
+    print(f"  epoch: cached {1e3 * med['cached']:.1f} ms | encoder in the loop "
+          f"{1e3 * med['encoder in the loop']:.1f} ms | encoder + preprocess in the loop "
+          f"{1e3 * med['+ preprocess']:.1f} ms")
+    print(f"  speed-up of caching: {med['encoder in the loop'] / med['cached']:.2f}x over the encoder in the "
+          f"loop, {med['+ preprocess'] / med['cached']:.2f}x over encoder + preprocess (target >= 10x); "
+          f"max |recomputed - cached feature| {diff:.1e}", flush=True)
 
 
 def main() -> None:
@@ -66,48 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for variant in args.variants.split(","):
-        cfg = parse_run_config({"peft": variant, **run_config(args.model)})
-        if args.client < 0:
-            sizes = [len(t) for t in task.fedlt_split(cfg, args.clients).client_train]
-            args.client = max(range(args.clients), key=sizes.__getitem__)
-        clip = task.load_clip(cfg)
-        model = task.build_model(cfg)
-        start_state = model.global_state()
-        data, _ = task.client_feature_sets(cfg, args.client, args.clients)
-        split, _ = task.client_splits(cfg, args.client, args.clients)
-        pixels = preprocess_images(clip.preprocess, split)
-        encoder = clip.model.eval()
-
-        @torch.no_grad()
-        def encoded(idx):
-            return encoder.encode_image(pixels[idx], normalize=True).float()
-
-        @torch.no_grad()
-        def preprocessed_and_encoded(idx):
-            x = torch.stack([clip.preprocess(split.pil(int(i))) for i in idx]).float()
-            return encoder.encode_image(x, normalize=True).float()
-
-        diff = float((encoded(torch.arange(len(data))) - data.features).abs().max())
-        sides = {"cached": lambda idx: data.features[idx], "encoder in the loop": encoded,
-                 "+ preprocess": preprocessed_and_encoded}
-        times = {name: [] for name in sides}
-        for r in range(args.repeats + 1):
-            for name, features_of in sides.items():
-                model.load_global_state(start_state)
-                t = epoch(model, data, cfg, features_of)
-                if r:  # the first round is a warm-up
-                    times[name].append(t)
-        med = {name: statistics.median(ts) for name, ts in times.items()}
-        steps = -(-len(data) // cfg.batch_size)
-        print(f"config: peft={variant} model={cfg.model} dataset={cfg.dataset} client {args.client} of {args.clients} "
-              f"({len(data)} images, {steps} steps of batch {cfg.batch_size}), method={cfg.method}, "
-              f"threads {args.threads}, {args.repeats} interleaved repeats, medians")
-        print(f"  epoch: cached {1e3 * med['cached']:.1f} ms | encoder in the loop "
-              f"{1e3 * med['encoder in the loop']:.1f} ms | encoder + preprocess in the loop "
-              f"{1e3 * med['+ preprocess']:.1f} ms")
-        print(f"  speed-up of caching: {med['encoder in the loop'] / med['cached']:.2f}x over the encoder in the "
-              f"loop, {med['+ preprocess'] / med['cached']:.2f}x over encoder + preprocess (target >= 10x); "
-              f"max |recomputed - cached feature| {diff:.1e}", flush=True)
+        bench_variant(variant, args)
 
 
 if __name__ == "__main__":

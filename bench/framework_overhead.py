@@ -16,9 +16,9 @@ side's wall time into a fixed start-up floor (Flower: SuperLink, Ray, actors
 importing the ClientApp; the loop: loading the model and the cached features)
 and a per-round cost. All sample the same clients (the strategy orders nodes by
 the partition they report, as the loop orders partitions) and train them with
-the same seeds; the final GM of each is printed, with the largest per-class
-difference (FedAvg's float32 sums are not written the same way, so they may
-drift apart by rounding).
+the same seeds and sum FedAvg in the same order; the final GM of each is
+printed, with the largest per-class difference (0: the loop computes exactly
+what the app computes).
 
 With ``--repeats N`` each Flower run and fresh-process loop runs N times,
 interleaved, and the medians are used (the Flower runs' start-up moves by a
@@ -46,7 +46,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,7 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from fedpurel_app.config import parse_run_config  # noqa: E402
+from common import parse_sets, run_cfg  # noqa: E402
 from inprocess import run_inprocess  # noqa: E402
 
 KEYS = ("all", "many", "medium", "few", "balancedness")
@@ -96,6 +95,15 @@ def loop_run(run: dict, clients: int) -> tuple[float, dict]:
     return wall, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def toml_value(value) -> str:
+    """A run-config value as scripts/run.sh's TOML overrides take it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "") + "'"
+    return str(value)
+
+
 def fit(xs: list[int], ys: list[float]) -> tuple[float, float]:
     """(floor, per_round) of the line through the first and last point."""
     per_round = (ys[-1] - ys[0]) / (xs[-1] - xs[0])
@@ -119,16 +127,15 @@ def main() -> None:
         time.sleep(5)
     torch.set_num_threads(1)  # as a Ray actor with client-resources-num-cpus=1 runs torch
     lengths = [int(r) for r in args.rounds.split(",")]
-    base = tomllib.loads("\n".join(f"{kv.split('=', 1)[0]} = {kv.split('=', 1)[1]}" for kv in args.set))
+    base = parse_sets(args.set)
     print(f"config: embedded default, {args.clients} clients (NUM_SUPERNODES={args.clients}), "
           f"overrides {args.set}, Stage-1 rounds {lengths}; nproc {os.cpu_count()}")
     if superlink_running():
         print("note: a local SuperLink was already running and is reused: the Flower floor excludes its start")
     flower_t, fresh_t, loop_t = [], [], []
     for rounds in lengths:
-        run = dict(base, **{"num-rounds": rounds})
-        overrides = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in run.items())
-        overrides = overrides.replace('"', "'")
+        run = {**base, "train.rounds": rounds}
+        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run.items())
         walls_f, walls_p, outside = [], [], []
         for _ in range(max(1, args.repeats)):
             with tempfile.TemporaryDirectory() as out:
@@ -138,11 +145,12 @@ def main() -> None:
             wall, fresh = loop_run(run, args.clients)
             walls_p.append(wall)
         wall_f, wall_p = statistics.median(walls_f), statistics.median(walls_p)
-        cfg = parse_run_config(run)
-        torch.manual_seed(cfg.seed)
-        start = time.perf_counter()
-        loop = run_inprocess(cfg, args.clients)
-        wall_l = time.perf_counter() - start
+        with tempfile.TemporaryDirectory() as out:
+            cfg = run_cfg({**run, "output-dir": out})
+            torch.manual_seed(cfg.seed)
+            start = time.perf_counter()
+            loop = run_inprocess(cfg, args.clients)["results"]["final"]
+            wall_l = time.perf_counter() - start
         flower_t.append(wall_f)
         fresh_t.append(wall_p)
         loop_t.append(wall_l)
@@ -171,13 +179,14 @@ def main() -> None:
         print(f"fit t = floor + per_round * rounds: flower floor {floor_f:.1f} s + {per_f:.2f} s/round | "
               f"plain loop, fresh process: floor {floor_p:.1f} s + {per_p:.2f} s/round | "
               f"warm: floor {floor_l:.1f} s + {per_l:.2f} s/round")
-        for rounds, tf, tp in zip(lengths, flower_t, fresh_t):
+        for rounds, tf, tp in zip(lengths, flower_t, fresh_t, strict=True):
             gap = tf - tp
             print(f"{rounds:>3d} rounds: gap to the fresh-process loop {gap:.1f} s = floor {floor_f - floor_p:.1f} s "
                   f"({100 * (floor_f - floor_p) / gap:.0f}%) + per-round {(per_f - per_p) * rounds:.1f} s "
                   f"({100 * (per_f - per_p) * rounds / gap:.0f}%)")
         print(f"per-round ratio flower / plain loop: {per_f / per_p:.2f}x (fresh process), "
               f"{per_f / per_l:.2f}x (warm)")
+
 
 if __name__ == "__main__":
     main()

@@ -1,140 +1,234 @@
-"""A plain in-process FedPuReL loop: the same client computations as the Flower app,
-without Flower (no messages, no Ray). Used to compare methods quickly and to
-measure the framework's overhead.
+"""A plain in-process FedPuReL loop: the Flower app's computations, without Flower.
+
+No messages, no Ray, no SuperLink: one :class:`fedpurel_app.client.Client` per
+message, as the ClientApp makes one, with a dict as each node's memory (its
+``context.state``), and the server's :class:`fedpurel_app.server.ServerRun`
+executing the method's round plan step by step, as the ServerApp does. What
+the Flower app adds is replaced by the same arithmetic:
+
+- client sampling: ``FedPuReLStrategy.sample`` (seeded by (seed, round), nodes in
+  partition order; all of them in round 1 with ``train.all-clients-first-round``);
+- aggregation: Flower's FedAvg (``aggregate_arrayrecords`` / ``aggregate_metricrecords``):
+  numpy float32 arrays times ``n_k / sum n``, summed in partition order;
+- PM metrics from the clients' evaluations in partition order.
+
+So the global model, GM and every per-round record match a Flower simulation
+of the same run config with ``NUM_SUPERNODES`` = ``--clients`` (the clients
+run on one torch thread, as Ray's actors do: ``--threads 1``); PM matches up to
+the order of floating-point sums. Writes the run's results.json like the app
+(``output-dir``: a temporary folder unless set). Used to compare methods
+quickly and to measure the framework's overhead.
 
     python bench/inprocess.py --methods promptfl,fedpurel --seeds 0,1 --clients 20
+    python bench/inprocess.py --set train.rounds=2 --set personalize.rounds=1 --clients 4 --history
+    python bench/inprocess.py --compare outputs/<run>/results.json    # check against a Flower run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fedpurel_app import task  # noqa: E402
-from fedpurel_app.config import RunConfig, parse_run_config  # noqa: E402
-from fedpurel_app.methods import build_method, method_class  # noqa: E402
-from fedpurel_app.metrics import pm_summary  # noqa: E402
-from fedpurel_app.training import predict, seeded_generator, train_global  # noqa: E402
+from common import ROOT, node, parse_sets, run_cfg  # noqa: E402
+
+from fedpurel_app.client import Client, DictMemory, node_state_dir  # noqa: E402
+from fedpurel_app.config import RunConfig  # noqa: E402
+from fedpurel_app.protocol import Instruction, TrainReply  # noqa: E402
+from fedpurel_app.server import ServerRun  # noqa: E402
 
 
-def _sample(cfg: RunConfig, rnd: int, num_clients: int) -> list[int]:
-    if rnd == 1 and cfg.all_clients_first_round:
+def sample(cfg: RunConfig, server_round: int, num_clients: int) -> list[int]:
+    """``FedPuReLStrategy.sample`` over nodes in partition order."""
+    if server_round == 1 and cfg.train.all_clients_first_round:
         return list(range(num_clients))
-    size = max(1, int(round(num_clients * cfg.fraction_train)))
-    rng = np.random.default_rng([cfg.seed, rnd])
-    return sorted(int(i) for i in rng.choice(num_clients, size=size, replace=False))
+    size = max(1, int(round(num_clients * cfg.train.fraction)))
+    rng = np.random.default_rng([cfg.seed, server_round])
+    picked = rng.choice(num_clients, size=min(size, num_clients), replace=False)
+    return [int(i) for i in sorted(picked)]
 
 
-def run_inprocess(cfg: RunConfig, num_clients: int) -> dict:
-    """Stage 1 then the `post` personalization phase of ``cfg.method``; GM/PM summaries and timings."""
+def fedavg(results: list[tuple[dict[str, torch.Tensor], TrainReply]]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flower's FedAvg of the replies, in their (partition) order: phi_g and the train metrics."""
+    weights = [reply.num_examples for _, reply in results]
+    total = sum(weights)
+    factors = [w / total for w in weights]
+    arrays: dict[str, np.ndarray] = {}
+    metrics: dict[str, float] = {}
+    for (phi_g, reply), factor in zip(results, factors, strict=True):
+        for key, value in phi_g.items():
+            value = value.detach().cpu().numpy()
+            arrays[key] = value * factor if key not in arrays else arrays[key] + value * factor
+        for key, value in reply.to_metrics().items():
+            if key in ("num-examples", "partition-id"):  # the weight; an identity, dropped by the strategy
+                continue
+            metrics[key] = value * factor if key not in metrics else metrics[key] + value * factor
+    return {key: torch.from_numpy(np.asarray(value)) for key, value in arrays.items()}, metrics
+
+
+def run_inprocess(cfg: RunConfig, num_clients: int, keep_node_state: bool = False) -> dict:
+    """Execute ``cfg``'s round plan on ``num_clients`` in-process clients; results and timings."""
     t0 = time.perf_counter()
-    model = task.build_model(cfg)
-    counts = task.class_counts(cfg)
-    test = task.global_test_set(cfg)
-    clients = [task.client_feature_sets(cfg, k, num_clients) for k in range(num_clients)]
+    run = ServerRun(cfg, ROOT)
+    nodes = [node(k, num_clients) for k in range(num_clients)]
+    memories = [DictMemory() for _ in range(num_clients)]
+    prior = run.class_counts_for_messages()
     setup_s = time.perf_counter() - t0
-    zero_shot = task.evaluate_zero_shot(cfg, test, counts)
-    kind = method_class(cfg.method)
-    methods = [build_method(cfg, counts if kind.needs_prior else None) for _ in range(num_clients)]
-    initial_phi_k = model.private_state()
-    phi_g = model.global_state()
-    phi_k: list[dict | None] = [None] * num_clients
+    timings = {"train": 0.0, "personalize": 0.0, "evaluate": 0.0, "gm": 0.0}
 
-    def load(k: int) -> None:
-        model.load_global_state(phi_g)
-        model.load_private_state(phi_k[k] if phi_k[k] is not None else initial_phi_k)
+    def client(k: int, server_round: int, evaluate: bool = False) -> Client:
+        return Client(cfg, nodes[k], memories[k], Instruction(server_round, run.tag, prior, evaluate))
 
-    history, gm = [], zero_shot
-    for rnd in range(1, cfg.num_rounds + 1 if kind.trains_global else 1):
-        updates, weights, conflict = [], [], []
-        for k in _sample(cfg, rnd, num_clients):
-            load(k)
-            stats = train_global(model, clients[k][0], task.stage1_options(cfg), cfg.local_epochs,
-                                 cfg.batch_size, seeded_generator(cfg.seed, 1, rnd, k), methods[k])
-            if kind.stage1_trains_private:
-                phi_k[k] = model.private_state()
-            updates.append(model.global_state())
-            weights.append(len(clients[k][0]))
-            conflict.append(stats.means().get("conflict-rate", float("nan")))
-        total = float(sum(weights))
-        phi_g = {key: sum(u[key] * (w / total) for u, w in zip(updates, weights)) for key in phi_g}
-        model.load_global_state(phi_g)
-        gm = task.evaluate_global(cfg, model, test, counts)
-        history.append({"round": rnd, "gm_all": gm["all"], "gm_few": gm["few"],
-                        "conflict": float(np.mean(conflict))})
-    if kind.personal_phase and kind.trains_global:
-        for step in range(1, cfg.personal_rounds + 1):
-            for k in range(num_clients):
-                load(k)
-                methods[k].personalize(model, clients[k][0], seeded_generator(cfg.seed, 2, cfg.num_rounds + step, k),
-                                       first=phi_k[k] is None, precision=task.precision(cfg))
-                phi_k[k] = model.private_state()
-    preds, gpreds, labels = [], [], []
-    for k in range(num_clients):
-        load(k)
-        test_k = clients[k][1]
-        personal = predict(model, test_k.features, phi_k[k] is not None, personal_logits=methods[k].personal_logits)
-        preds.append((personal if kind.trains_global else test_k.zero_shot_logits.argmax(-1)).cpu().numpy())
-        gpreds.append(predict(model, test_k.features).cpu().numpy())
-        labels.append(test_k.labels.cpu().numpy())
-    pm = pm_summary(preds, labels, counts, cfg.many_threshold, cfg.few_threshold)
-    pm_global = pm_summary(gpreds, labels, counts, cfg.many_threshold, cfg.few_threshold)
+    def evaluate_pm(server_round: int) -> dict | None:
+        start = time.perf_counter()
+        replies = [client(k, server_round).evaluate(run.phi_g) for k in range(num_clients)]
+        timings["evaluate"] += time.perf_counter() - start
+        return run.pm([reply.evaluation for reply in replies])
+
+    history = []
+    for index, step in enumerate(run.plan.steps):
+        gm = pm = train = None
+        sampled: list[int] = []
+        if step.phase == "zero-shot" and step.pm:
+            pm = evaluate_pm(0)
+        if step.train:
+            start = time.perf_counter()
+            sampled = sample(cfg, step.round, num_clients)
+            run.phi_g, train = fedavg([client(k, step.round).train(run.phi_g) for k in sampled])
+            train["clients"] = len(sampled)
+            timings["train"] += time.perf_counter() - start
+        if step.personalize:
+            start = time.perf_counter()
+            evaluate = step.pm and step.personalize == "all"
+            targets = sampled if step.personalize == "sampled" else range(num_clients)
+            replies = [client(k, step.round, evaluate).personalize(run.phi_g) for k in targets]
+            if evaluate:
+                pm = run.pm([reply.evaluation for reply in replies])
+            timings["personalize"] += time.perf_counter() - start
+        if step.gm and step.phase != "zero-shot":
+            start = time.perf_counter()
+            gm = run.evaluate_gm()
+            timings["gm"] += time.perf_counter() - start
+        if step.pm and step.phase != "zero-shot" and step.personalize != "all":
+            pm = evaluate_pm(step.round)
+        run.record(step, gm=gm, pm=pm, train=train)
+        run.checkpoint(index, step)
+        if step.phase != "zero-shot":
+            history.append({"round": step.round, "phase": step.phase, "gm_all": gm and gm["all"],
+                            "gm_few": gm and gm["few"], "pm_all": pm and pm["all"],
+                            "conflict": (train or {}).get("conflict-rate")})
+    run.finish()
+    if not keep_node_state:  # the nodes' state folders of this run (in the cache folder)
+        shutil.rmtree(Path(node_state_dir(cfg, nodes[0], run.tag)).parent, ignore_errors=True)
     return {
-        "zero_shot": zero_shot, "gm": gm, "pm": pm, "pm_global_all": pm_global["all"],
-        "history": history, "setup_s": setup_s, "total_s": time.perf_counter() - t0,
+        "results": run.recorder.data, "run_dir": str(run.run_dir), "history": history,
+        "setup_s": setup_s, "total_s": time.perf_counter() - t0, "timings": timings,
     }
+
+
+def compare(ours: dict, theirs: dict) -> list[str]:
+    """Differences between two results.json: GM (and everything but PM) must be equal, PM close."""
+    problems = []
+
+    def gm_of(results):
+        return [(r["round"], r["phase"], r.get("gm")) for r in results["rounds"]]
+
+    if ours["zero_shot"]["gm"] != theirs["zero_shot"]["gm"]:
+        problems.append("zero-shot GM differs")
+    if gm_of(ours) != gm_of(theirs):
+        problems += [f"round {a[0]}: GM differs" for a, b in zip(gm_of(ours), gm_of(theirs), strict=False) if a != b]
+    for a, b in zip(ours["rounds"], theirs["rounds"], strict=False):
+        if a.get("train", {}).get("clients") != b.get("train", {}).get("clients"):
+            problems.append(f"round {a['round']}: sampled clients differ")
+        for key in ("all", "all_weighted", "few"):
+            pa, pb = (a.get("pm") or {}).get(key), (b.get("pm") or {}).get(key)
+            if (pa is None) != (pb is None) or (pa is not None and abs(pa - pb) > 1e-9):
+                problems.append(f"round {a['round']}: PM {key} {pa} != {pb}")
+    if len(ours["rounds"]) != len(theirs["rounds"]):
+        problems.append(f"{len(ours['rounds'])} rounds != {len(theirs['rounds'])}")
+    return problems
+
+
+def compare_phi_g(ours: Path, theirs: Path) -> list[str]:
+    """The final phi_g of two run folders must be bitwise equal."""
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(folder / "phi_g.safetensors")) for folder in (ours, theirs))
+    if a.keys() != b.keys():
+        return [f"phi_g keys {sorted(a)} != {sorted(b)}"]
+    return [f"phi_g['{key}'] differs" for key in a if not torch.equal(a[key], b[key])]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--set", action="append", default=[], help="run-config key=value (TOML value)")
-    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
+    parser.add_argument("--clients", type=int, default=20, help="number of clients (NUM_SUPERNODES of the app)")
+    parser.add_argument("--set", action="append", default=[], help="run-config key=value (TOML value), repeatable")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads (1: as the app's Ray actors; 0: torch default)")
     parser.add_argument("--seeds", default="", help="comma-separated seeds to sweep (overrides seed)")
-    parser.add_argument("--methods", default="", help="comma-separated methods to sweep (overrides method)")
-    parser.add_argument("--history", action="store_true", help="also print the per-round GM history")
+    parser.add_argument("--methods", default="", help="comma-separated methods to sweep (overrides method.name)")
+    parser.add_argument("--history", action="store_true", help="also print the per-round history")
     parser.add_argument("--per-class", action="store_true", help="also print per-class GM accuracies")
+    parser.add_argument("--compare", default="", help="a Flower run's results.json: check this run against it")
+    parser.add_argument("--keep-node-state", action="store_true", help="keep the nodes' state folders of the run")
     args = parser.parse_args()
-    import tomllib
-
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    overrides = tomllib.loads("\n".join(f"{kv.split('=', 1)[0]} = {kv.split('=', 1)[1]}" for kv in args.set))
+    overrides = parse_sets(args.set)
+    if args.compare:  # the Flower run's own config (flat dotted keys), but its output-dir
+        overrides = {**json.loads(Path(args.compare).read_text())["config"], **overrides}
+        overrides.pop("output-dir", None)
+        overrides.pop("resume-from", None)
+    if "output-dir" not in overrides:
+        overrides["output-dir"] = tempfile.mkdtemp(prefix="fedpurel-inprocess-")
     seeds = [int(s) for s in args.seeds.split(",") if s] or [None]
     names = [m for m in args.methods.split(",") if m] or [None]
     keys = ("all", "many", "medium", "few", "balancedness")
+    failed = False
     for seed in seeds:
         for name in names:
             run = dict(overrides)
             if seed is not None:
                 run["seed"] = seed
             if name is not None:
-                run["method"] = name
-            cfg = parse_run_config(run)
+                run["method.name"] = name
+            cfg = run_cfg(run)
             torch.manual_seed(cfg.seed)
-            out = run_inprocess(cfg, args.clients)
+            out = run_inprocess(cfg, args.clients, args.keep_node_state)
+            results = out["results"]
+            final = results["final"]
             record = {
-                "seed": cfg.seed, "method": cfg.method,
-                "zero_shot": {k: out["zero_shot"][k] for k in keys},
-                "gm": {k: out["gm"][k] for k in keys},
-                "pm_all": out["pm"]["all"], "pm_global_all": out["pm_global_all"],
-                "gm_last10": {k: float(np.mean([h[f"gm_{k}"] for h in out["history"][-10:]])) for k in ("all", "few")},
+                "seed": cfg.seed, "method": cfg.method.name, "peft": cfg.peft.name, "clients": args.clients,
+                "zero_shot": {k: results["zero_shot"]["gm"][k] for k in keys},
+                "gm": {k: final["gm"][k] for k in keys} if "gm" in final else None,
+                "pm_all": final.get("pm", {}).get("all"),
+                "pm_global_all": final.get("pm", {}).get("global", {}).get("all"),
+                "gm_last10": {k: final["gm_last10"][k] for k in ("all", "few")} if "gm_last10" in final else None,
                 "total_s": round(out["total_s"], 1), "setup_s": round(out["setup_s"], 1),
+                "timings_s": {k: round(v, 1) for k, v in out["timings"].items()},
+                "results": str(Path(out["run_dir"]) / "results.json"),
             }
-            if args.per_class:
-                record["zero_shot_per_class"] = out["zero_shot"]["per_class"]
-                record["gm_per_class"] = out["gm"]["per_class"]
+            if args.per_class and "gm" in final:
+                record["zero_shot_per_class"] = results["zero_shot"]["gm"]["per_class"]
+                record["gm_per_class"] = final["gm"]["per_class"]
             if args.history:
                 record["history"] = out["history"]
             print(json.dumps(record), flush=True)
+            if args.compare:
+                problems = compare(results, json.loads(Path(args.compare).read_text()))
+                problems += compare_phi_g(Path(out["run_dir"]), Path(args.compare).parent)
+                print(json.dumps({"compare": args.compare, "equal": not problems, "problems": problems[:20]}))
+                failed = failed or bool(problems)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

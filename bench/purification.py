@@ -40,11 +40,11 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fedpurel_app import task  # noqa: E402
-from fedpurel_app.config import parse_run_config  # noqa: E402
+from common import client_inputs, model, run_cfg, stage1_options  # noqa: E402
+from real_size import run_config  # noqa: E402
+
 from fedpurel_app.tkl import default_probes, entropy, solve_temperature, temperature_aligned_kl  # noqa: E402
 from fedpurel_app.training import stage1_step  # noqa: E402
-from real_size import run_config  # noqa: E402
 
 
 def _timed(fn) -> float:
@@ -57,7 +57,8 @@ def _losses(model, x, y, z, opts):
     logits = model.global_logits(x).float()
     task_loss = F.cross_entropy(logits, y)
     align_loss = temperature_aligned_kl(
-        logits, z, aligned=True, tau_min=opts.tau_min, tau_max=opts.tau_max, tol=opts.tau_tol, max_iter=opts.tau_max_iter
+        logits, z, aligned=True, tau_min=opts.tau_min, tau_max=opts.tau_max, tol=opts.tau_tol,
+        max_iter=opts.tau_max_iter,
     )
     return task_loss, align_loss
 
@@ -91,55 +92,57 @@ def solve_times(model, x, z, opts, repeats: int) -> dict:
     times = {1: [], k: []}
     for r in range(repeats + 3):
         for points in times:
-            t = _timed(lambda: [solve_temperature(both, target, points=points, **kw) for _ in range(20)]) / 20
+            t = _timed(lambda p=points: [solve_temperature(both, target, points=p, **kw) for _ in range(20)]) / 20
             if r >= 3:
                 times[points].append(t)
-    gap = float((solve_temperature(both, target, points=1, **kw) - solve_temperature(both, target, points=k, **kw)).abs().max())
+    gap = float((solve_temperature(both, target, points=1, **kw)
+                 - solve_temperature(both, target, points=k, **kw)).abs().max())
     return {"rows": tuple(both.shape), "points": k, "bisection_ms": 1e3 * statistics.median(times[1]),
             "probed_ms": 1e3 * statistics.median(times[k]), "max_gap": gap, "tol": opts.tau_tol}
 
 
 def bench_variant(variant: str, batch: int, repeats: int, model_name: str | None = None) -> dict:
-    cfg = parse_run_config({"peft": variant, **run_config(model_name)})
-    model = task.build_model(cfg)
-    train, _ = task.client_feature_sets(cfg, 0, 20)
+    cfg = run_cfg({"peft.name": variant, **run_config(model_name)})
+    clip, peft = model(cfg)
+    _, train, _ = client_inputs(cfg, clip, 0, 20)
     idx = torch.arange(min(batch, len(train)))
     x, y, z = train.features[idx], train.labels[idx], train.zero_shot_logits[idx]
-    start_state = model.global_state()
-    params = model.global_parameters()
-    base = task.stage1_options(cfg)
+    start_state = peft.global_state()
+    params = peft.global_parameters()
+    base = stage1_options(cfg, clip)
     purified_opts = replace(base, align="tkl")
     plain_opts = replace(base, align="none")
 
     def step(opts):
-        model.load_global_state(start_state)  # the same model every time
+        peft.load_global_state(start_state)  # the same model every time
         opt = torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
-        return _timed(lambda: stage1_step(model, x, y, z, opt, opts))
+        return _timed(lambda: stage1_step(peft, x, y, z, opt, opts))
 
     for _ in range(1 if model_name else 3):  # warm-up (one step of a real-size model is long enough)
         step(plain_opts), step(purified_opts)
-        two_calls(model, x, y, z, base), batched(model, x, y, z, base)
+        two_calls(peft, x, y, z, base), batched(peft, x, y, z, base)
     plain, purified, two, one = [], [], [], []
     for _ in range(repeats):
         plain.append(step(plain_opts))
         purified.append(step(purified_opts))
-        model.load_global_state(start_state)
-        two.append(_timed(lambda: two_calls(model, x, y, z, base)))
-        one.append(_timed(lambda: batched(model, x, y, z, base)))
-    model.load_global_state(start_state)
-    (gt2, ga2), (gt1, ga1) = two_calls(model, x, y, z, base), batched(model, x, y, z, base)
+        peft.load_global_state(start_state)
+        two.append(_timed(lambda: two_calls(peft, x, y, z, base)))
+        one.append(_timed(lambda: batched(peft, x, y, z, base)))
+    peft.load_global_state(start_state)
+    (gt2, ga2), (gt1, ga1) = two_calls(peft, x, y, z, base), batched(peft, x, y, z, base)
     diff = max(
         float((a - b).abs().max())
         for pair in ((gt2, gt1), (ga2, ga1))
-        for a, b in zip(*pair)
+        for a, b in zip(*pair, strict=True)
         if a is not None and b is not None
     )
     identical = all(
-        torch.equal(a, b) for pair in ((gt2, gt1), (ga2, ga1)) for a, b in zip(*pair) if a is not None and b is not None
+        torch.equal(a, b) for pair in ((gt2, gt1), (ga2, ga1)) for a, b in zip(*pair, strict=True)
+        if a is not None and b is not None
     )
     n_params = sum(p.numel() for p in params)
     med = statistics.median
-    solve = solve_times(model, x, z, base, repeats)
+    solve = solve_times(peft, x, z, base, repeats)
     return {"solve": solve,
         "variant": variant, "params": n_params, "inputs": tuple(x.shape),
         "plain_ms": 1e3 * med(plain), "purified_ms": 1e3 * med(purified), "ratio": med(purified) / med(plain),

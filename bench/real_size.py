@@ -4,7 +4,7 @@ Real pretrained weights cannot be downloaded everywhere, and a step's cost does
 not depend on the weights' values, only on the architecture. ``--model
 ViT-B-16`` in a benchmark builds that architecture once (seeded), saves it as a
 checkpoint file in the cache folder, and runs the app's own loading path on
-it (``pretrained = <that file>``). Accuracies are meaningless there; times are
+it (``model.pretrained = <that file>``). Accuracies are meaningless there; times are
 those of the real model.
 """
 
@@ -33,5 +33,5 @@ def random_checkpoint(model_name: str) -> str:
 
 
 def run_config(model_name: str | None) -> dict:
-    """Run-config overrides for ``--model``: none for the embedded default."""
-    return {} if not model_name else {"model": model_name, "pretrained": random_checkpoint(model_name)}
+    """Run-config overrides (dotted keys) for ``--model``: none for the embedded default."""
+    return {} if not model_name else {"model.name": model_name, "model.pretrained": random_checkpoint(model_name)}

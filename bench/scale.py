@@ -1,7 +1,7 @@
 """Scale: server cost per round with 100 and 1,000 virtual clients (10 sampled), and one client's round.
 
 Server: ``FedPuReLStrategy`` over a fake grid of N node ids (as tests/test_apps.py),
-``fraction-train = 10 / N`` (10 sampled per round, ``all-clients-first-round``
+``train.fraction = 10 / N`` (10 sampled per round, ``train.all-clients-first-round``
 off), phi_g of the default prompt variant. Per round it times sampling +
 building the 10 train messages (``configure_train``) and aggregating 10 replies
 (``aggregate_train``: validation + weighted FedAvg); medians over ``--rounds``
@@ -36,12 +36,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import client_inputs, method, model, run_cfg, stage1_options  # noqa: E402
+
+from fedpurel_app.protocol import Instruction  # noqa: E402
 from server_app.strategy import FedPuReLStrategy  # noqa: E402
+
+NODE_ID_BASE = 10**6  # node i holds partition i
 
 
 class FakeGrid:
@@ -52,36 +59,35 @@ class FakeGrid:
         return self.node_ids
 
 
-def reply(phi: dict, n: int, request: Message) -> Message:
-    metrics = MetricRecord({"num-examples": n, "conflict-rate": 0.5, "mean-cosine": 0.1, "task-loss": 1.0})
+def reply(phi: dict, n: int, partition_id: int, request: Message) -> Message:
+    metrics = MetricRecord({"num-examples": n, "partition-id": partition_id, "conflict-rate": 0.5,
+                            "mean-cosine": 0.1, "task-loss": 1.0})
     return Message(RecordDict({"arrays": ArrayRecord(phi), "metrics": metrics}), reply_to=request)
 
 
 def server_round(strategy, grid, rnd, arrays, shapes, rng) -> tuple[float, float]:
     start = time.perf_counter()
-    messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
+    messages = list(strategy.configure_train(rnd, arrays, Instruction(rnd), grid))
     t_configure = time.perf_counter() - start
     replies = []
     for i, msg in enumerate(messages):  # built outside the timer: in reality they arrive over the network
         request = Message(msg.content, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
         phi = {k: torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for k, s in shapes.items()}
-        replies.append(reply(phi, 10 + i, request))
+        replies.append(reply(phi, 10 + i, msg.metadata.dst_node_id - NODE_ID_BASE, request))  # its partition
     start = time.perf_counter()
     strategy.aggregate_train(rnd, replies)
     return t_configure, time.perf_counter() - start
 
 
 def server(clients: list[int], sampled: int, rounds: int) -> None:
-    from fedpurel_app import task
-    from fedpurel_app.config import parse_run_config
-
-    phi_g = task.build_model(parse_run_config({})).global_state()
+    _, peft = model(run_cfg())
+    phi_g = peft.global_state()
     shapes = {k: tuple(v.shape) for k, v in phi_g.items()}
     arrays = ArrayRecord(phi_g)
     rng = np.random.default_rng(0)
     setups = {}
     for n in clients:
-        grid = FakeGrid(range(10**6, 10**6 + n))
+        grid = FakeGrid(range(NODE_ID_BASE, NODE_ID_BASE + n))
         strategy = FedPuReLStrategy(shapes, fraction_train=sampled / n, all_clients_first_round=False,
                                     min_available_nodes=n)
         setups[n] = (strategy, grid)
@@ -105,7 +111,7 @@ def server(clients: list[int], sampled: int, rounds: int) -> None:
         assert len(strategy.last_sampled) == sampled
         c, a = statistics.median(times[n][0]), statistics.median(times[n][1])
         start = time.perf_counter()
-        everyone = strategy.configure_personalize(1, arrays, grid)
+        everyone = strategy.configure_personalize(arrays, Instruction(rounds + 2), grid)
         t_all = time.perf_counter() - start
         print(f"  N={n:>5d}: sampling + {sampled} train messages {1e3 * c:.2f} ms | aggregation of {sampled} "
               f"replies {1e3 * a:.2f} ms | round total {1e3 * (c + a):.2f} ms | tracemalloc peak "
@@ -123,26 +129,27 @@ def server(clients: list[int], sampled: int, rounds: int) -> None:
 def client(sizes: list[int], repeats: int) -> None:
     """Child process: one client's Stage-1 round on n_k images; prints JSON."""
     torch.set_num_threads(1)
-    from fedpurel_app import task
-    from fedpurel_app.config import parse_run_config
-    from fedpurel_app.training import FeatureSet, seeded_generator, train_global
+    from fedpurel_app.data.client import fedlt_split
+    from fedpurel_app.inputs import FeatureSet
+    from fedpurel_app.training import seeded_generator, train_global
 
-    cfg = parse_run_config({})
-    model = task.build_model(cfg)
-    sizes_all = [len(t) for t in task.fedlt_split(cfg, 20).client_train]
+    cfg = run_cfg()
+    clip, peft = model(cfg)
+    options, objective = stage1_options(cfg, clip), method(cfg)
+    sizes_all = [len(t) for t in fedlt_split(cfg.data, cfg.seed, 20).client_train]
     k = max(range(20), key=sizes_all.__getitem__)
-    data, _ = task.client_feature_sets(cfg, k, 20)
+    _, data, _ = client_inputs(cfg, clip, k, 20)
     rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    start_state = model.global_state()
+    start_state = peft.global_state()
     out = {"client": k, "n": len(data), "rss_setup_mib": rss_setup, "times": {}}
     times = {n: [] for n in sizes if n <= len(data)}
     for r in range(repeats + 1):
         for n in times:
             sub = FeatureSet(data.features[:n], data.labels[:n], data.zero_shot_logits[:n])
-            model.load_global_state(start_state)
+            peft.load_global_state(start_state)
             start = time.perf_counter()
-            train_global(model, sub, task.stage1_options(cfg), cfg.local_epochs, cfg.batch_size,
-                         seeded_generator(cfg.seed, 1, 2, k))
+            train_global(peft, sub, options, cfg.train.local_epochs, cfg.train.batch_size,
+                         seeded_generator(cfg.seed, 1, 2, k), objective)
             if r:
                 times[n].append(time.perf_counter() - start)
     out["times"] = {n: statistics.median(ts) for n, ts in times.items()}

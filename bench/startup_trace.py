@@ -5,7 +5,8 @@ Runs ``bash scripts/run.sh [overrides]`` with a ``sitecustomize`` module on
 SuperLink, its SuperExec, the simulation process, Ray's processes and actors)
 appends to one event file: its start and exit, the end of its imports of flwr,
 torch, open_clip, the ServerApp and the ClientApp, and its loading of the CLIP
-(``task.load_clip``; open_clip's import included when it comes first). Then prints the events in time order, from the command's start.
+(``fedpurel_app.inputs.frozen_clip``; open_clip's import included when it comes
+first). Then prints the events in time order, from the command's start.
 
     python bench/startup_trace.py ["key=value overrides"] [--clients 20] [--all] [--deployment NODES]
 
@@ -40,7 +41,7 @@ SITECUSTOMIZE = '''
 import importlib.abc, os, sys, time
 
 _FILE = os.environ.get("FEDPUREL_TRACE")
-_WATCHED = set(%r)
+_WATCHED = set(__WATCHED__)
 
 
 def _event(what):
@@ -53,7 +54,7 @@ class _Finder(importlib.abc.MetaPathFinder):
     """Wraps the loader of each watched module, to record when its first import ends."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in _WATCHED and fullname != "fedpurel_app.task":
+        if fullname not in _WATCHED and fullname != "fedpurel_app.inputs":
             return None
         spec = None
         for finder in sys.meta_path:
@@ -69,17 +70,17 @@ class _Finder(importlib.abc.MetaPathFinder):
         def exec_module(module):
             start = time.time()
             run(module)
-            if fullname == "fedpurel_app.task":
-                load = module.load_clip
+            if fullname == "fedpurel_app.inputs":
+                load = module.frozen_clip
 
-                def load_clip(*args, **kwargs):
+                def frozen_clip(*args, **kwargs):
                     t = time.time()
                     clip = load(*args, **kwargs)
                     if time.time() - t > 0.01:  # the first call loads; later ones return the cached model
                         _event(f"loaded the CLIP ({time.time() - t:.2f} s)")
                     return clip
 
-                module.load_clip = load_clip
+                module.frozen_clip = frozen_clip
             elif fullname in _WATCHED:
                 _WATCHED.discard(fullname)
                 _event(f"imported {fullname} ({time.time() - start:.2f} s)")
@@ -94,7 +95,7 @@ if _FILE:
     import atexit
 
     atexit.register(_event, "exit")
-''' % (WATCHED,)
+'''.replace("__WATCHED__", repr(WATCHED))
 
 RAY_HELPERS = ("monitor.py", "dashboard.py", "log_monitor.py", "agent.py", "main.py", "setup_worker.py")
 
@@ -113,7 +114,7 @@ def main() -> None:
         os.environ.update(PYTHONPATH=path, FEDPUREL_TRACE=str(events))
         start = time.time()
         if args.deployment:
-            overrides = f"{args.overrides} min-nodes={args.deployment}".strip()
+            overrides = f"{args.overrides} train.min-nodes={args.deployment}".strip()
             what = f"loopback deployment of {args.deployment} SuperNodes, {overrides!r}"
             deployment_run(overrides, args.deployment, Path(tmp) / "deploy")
         else:

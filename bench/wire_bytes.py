@@ -17,8 +17,9 @@ a TaskIdentity set), and their replies are serialised with Flower's own code
 The ratio is reply bytes / raw bytes of phi_g's tensors (target <= 1.05x for a
 Stage-1 reply). The overhead is nearly constant per reply (keys, shapes, metrics,
 object headers), so the script also prices the same reply with a phi_g of the
-shapes it has on the paper's CLIP ViT-B/16 (random values, same serialisation). phi_k's bytes are searched for in every serialised reply
-(target: 0 occurrences). The downlink (server -> client, phi_g + round) is
+shapes it has on the paper's CLIP ViT-B/16 (random values, same serialisation).
+phi_k's bytes are searched for in every serialised reply (target: 0
+occurrences). The downlink (server -> client, phi_g + instruction) is
 printed for information.
 
     python bench/wire_bytes.py [--variants prompt,adapter,lora]
@@ -43,12 +44,16 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client_app import app as client  # noqa: E402
-from fedpurel_app import task  # noqa: E402
-from fedpurel_app.config import parse_run_config  # noqa: E402
-from server_app.strategy import PERSONALIZE  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))
 
-RUN = {"num-rounds": 2, "personal-rounds": 1, "local-epochs": 1, "client-test-size": 30}
+from common import model, run_cfg  # noqa: E402
+
+from client_app import app as client  # noqa: E402
+from fedpurel_app import protocol  # noqa: E402
+from fedpurel_app.client import PHI_K  # noqa: E402
+from fedpurel_app.protocol import PERSONALIZE, Instruction  # noqa: E402
+
+RUN = {"train.rounds": 2, "personalize.rounds": 1, "train.local-epochs": 1, "data.client-test-size": 30}
 
 
 def object_bytes(msg: Message) -> tuple[int, bytes]:
@@ -66,7 +71,8 @@ def raw_bytes(state: dict) -> int:
 
 
 def server_message(phi_g: dict, message_type: str, server_round: int) -> Message:
-    content = RecordDict({"arrays": ArrayRecord(phi_g), "config": ConfigRecord({"server-round": server_round})})
+    content = RecordDict({protocol.ARRAYS: ArrayRecord(phi_g),
+                          protocol.CONFIG: ConfigRecord(Instruction(server_round).to_config())})
     return Message(content, dst_node_id=100, message_type=message_type)
 
 
@@ -95,8 +101,9 @@ def paper_size_uplink(train_reply: Message, variant: str) -> tuple[int, int]:
     """(raw phi_g bytes, reply object bytes) of the same train reply with phi_g of the paper's shapes."""
     g = torch.Generator().manual_seed(0)
     phi_g = {k: torch.randn(shape, generator=g) for k, shape in PAPER_PHI_G[variant].items()}
-    metrics = train_reply.content["metrics"]
-    reply = Message(RecordDict({"arrays": ArrayRecord(phi_g), "metrics": metrics}), reply_to=train_reply)
+    metrics = train_reply.content[protocol.METRICS]
+    reply = Message(RecordDict({protocol.ARRAYS: ArrayRecord(phi_g), protocol.METRICS: metrics}),
+                    reply_to=train_reply)
     return raw_bytes(phi_g), object_bytes(reply)[0]
 
 
@@ -110,15 +117,18 @@ def main() -> None:
     print(f"config: embedded default with {RUN}, client 0 of 4; flwr serialisation: deflated objects "
           "(what 1.41 pushes) and message_to_proto")
     for variant in args.variants.split(","):
-        run = dict(RUN, peft=variant)
-        phi_g = task.build_model(parse_run_config(run)).global_state()
+        run = {**RUN, "peft.name": variant}
+        phi_g = model(run_cfg(run))[1].global_state()
         context = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": 4},
                           state=RecordDict(), run_config=run)
         down = server_message(phi_g, MessageType.TRAIN, 2)
         personalize = client.personalize(server_message(phi_g, PERSONALIZE, 1), context)
-        phi_k = context.state.array_records[client.PHI_K].to_torch_state_dict()
+        phi_k = context.state.array_records[client.ContextMemory.PREFIX + PHI_K].to_torch_state_dict()
         train = client.train(down, context)
         evaluate = client.evaluate(server_message(phi_g, MessageType.EVALUATE, 2), context)
+        for reply in (personalize, train, evaluate):
+            if reply.has_error():
+                raise SystemExit(f"the ClientApp replied with an error: {reply.error.reason}")
         raw = raw_bytes(phi_g)
         print(f"{variant}: phi_g {raw} B raw ({sum(t.numel() for t in phi_g.values())} float32 in "
               f"{len(phi_g)} tensors); phi_k {raw_bytes(phi_k)} B raw, stays on the client")

@@ -12,7 +12,7 @@
 # Settings come from the environment (deploy/common.sh): DEPLOY_DIR, SUPERLINK_HOST,
 # SUPERLINK_PORT, SUPERNODE_PORT_BASE, CONNECTION, and NODE_CONFIG_EXTRA (appended to
 # every SuperNode's --node-config), NODE_DATA_ROOT (node i gets data-dir='$NODE_DATA_ROOT/i':
-# its own images, see `python -m fedpurel_app.data.local`), STARTUP_TIMEOUT (seconds, 90).
+# its own images, see `.venv/bin/fedpurel node-data`), STARTUP_TIMEOUT (seconds, 90).
 #
 # Node i gets --node-config "partition-id=i num-partitions=N state-dir='$DEPLOY_DIR/nodes/i/state'"
 # and its own FLWR_HOME ($DEPLOY_DIR/nodes/i/flwr-home, where the app is installed).

@@ -6,10 +6,19 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from client_app import app as client
-from fedpurel_app import task
-from fedpurel_app.config import parse_run_config
-from server_app.strategy import PERSONALIZE, FedPuReLStrategy
-from tests.conftest import SMALL_RUN
+from fedpurel_app import protocol
+from fedpurel_app.client import METHOD_STATE, PHI_K
+from fedpurel_app.data.client import class_counts, global_test
+from fedpurel_app.inputs import clip_of
+from fedpurel_app.peft.base import build_peft
+from fedpurel_app.protocol import PERSONALIZE, EvaluateReply, Instruction, PersonalizeReply
+from fedpurel_app.registry import METHODS
+from server_app.strategy import FedPuReLStrategy, metrics_of
+from tests.conftest import SMALL_RUN, make_cfg
+
+# Where the ClientApp keeps a node's private tensors in its context.state.
+PHI_K_RECORD = client.ContextMemory.PREFIX + PHI_K
+METHOD_STATE_RECORD = client.ContextMemory.PREFIX + METHOD_STATE
 
 
 @pytest.fixture(autouse=True)
@@ -31,8 +40,9 @@ def make_context(partition_id: int = 0, num_partitions: int = 4) -> Context:
     )
 
 
-def server_message(phi_g: dict, message_type: str, server_round: int = 1) -> Message:
-    content = RecordDict({"arrays": ArrayRecord(phi_g), "config": ConfigRecord({"server-round": server_round})})
+def server_message(phi_g: dict, message_type: str, server_round: int = 1, **instruction) -> Message:
+    config = Instruction(server_round, **instruction).to_config()
+    content = RecordDict({protocol.ARRAYS: ArrayRecord(phi_g), protocol.CONFIG: ConfigRecord(config)})
     return Message(content, dst_node_id=100, message_type=message_type)
 
 
@@ -40,51 +50,80 @@ def all_tensors(message: Message) -> list[np.ndarray]:
     return [array.numpy() for record in message.content.array_records.values() for array in record.values()]
 
 
+def metrics(message: Message) -> dict:
+    (record,) = message.content.metric_records.values()
+    return dict(record)
+
+
+def private(context: Context, name: str = PHI_K_RECORD) -> dict[str, torch.Tensor]:
+    return context.state.array_records[name].to_torch_state_dict()
+
+
+def num_classes(cfg) -> int:
+    return len(class_counts(cfg.data, cfg.seed))
+
+
 @pytest.fixture(scope="module")
 def phi_g(small_cfg):
-    return task.build_model(small_cfg).global_state()
+    data = global_test(small_cfg.data)
+    clip = clip_of(small_cfg.model, small_cfg.data)
+    return build_peft(small_cfg, clip, data.classnames, data.template).global_state()
 
 
-def test_no_reply_ever_carries_phi_k(phi_g):
+def test_no_reply_ever_carries_phi_k(phi_g, small_cfg):
     """Run personalize -> train -> evaluate on one node and inspect every reply."""
     context = make_context()
     replies = [client.personalize(server_message(phi_g, PERSONALIZE), context)]
-    phi_k = context.state.array_records[client.PHI_K].to_torch_state_dict()["ctx"].numpy()
+    phi_k = private(context)["ctx"].numpy()
     assert not np.array_equal(phi_k, phi_g["ctx"].numpy()), "Stage 2 did not change phi_k"
     replies.append(client.train(server_message(phi_g, MessageType.TRAIN, 2), context))
     replies.append(client.evaluate(server_message(phi_g, MessageType.EVALUATE, 2), context))
 
     personalize_reply, train_reply, evaluate_reply = replies
+    assert not any(r.has_error() for r in replies)
     assert all_tensors(personalize_reply) == [] and all_tensors(evaluate_reply) == []
     (record,) = train_reply.content.array_records.values()
     assert list(record.keys()) == ["ctx"]
     for reply in replies:
         for tensor in all_tensors(reply):
             assert not np.allclose(tensor, phi_k), "a reply carries phi_k"
-        for metrics in reply.content.metric_records.values():
-            for value in metrics.values():
+        for values in reply.content.metric_records.values():
+            for value in values.values():
                 flat = np.asarray(value, dtype=float).ravel()
                 assert flat.size != phi_k.size or not np.allclose(flat, phi_k.ravel())
-    # The personalized prediction uses phi_k: evaluate says so.
-    metrics = next(iter(evaluate_reply.content.metric_records.values()))
-    assert metrics["personalized"] == 1
-    assert len(metrics["pm-preds"]) == len(metrics["labels"]) == metrics["num-examples"]
+    # The personalized prediction uses phi_k: evaluate says so, in per-class counts only.
+    got = metrics(evaluate_reply)
+    assert got["personalized"] == 1
+    assert sum(got["class-total"]) == got["num-examples"] > 0
+    for key in protocol.Evaluation.KEYS:
+        assert len(got[key]) == num_classes(small_cfg) != got["num-examples"], "per-sample data in a reply"
+    assert "labels" not in got and "pm-preds" not in got
+    assert EvaluateReply.read(got, num_classes(small_cfg)).evaluation.personalized
 
 
 def test_features_are_computed_once_per_node(phi_g, monkeypatch):
+    from fedpurel_app import client as library_client
+
     context = make_context(1)
-    client.train(server_message(phi_g, MessageType.TRAIN, 1), context)
+    assert not client.train(server_message(phi_g, MessageType.TRAIN, 1), context).has_error()
     calls = []
-    monkeypatch.setattr(task, "client_feature_sets", lambda *a: calls.append(a))
-    client.train(server_message(phi_g, MessageType.TRAIN, 2), context)
+    monkeypatch.setattr(library_client, "client_feature_sets", lambda *a: calls.append(a))
+    reply = client.train(server_message(phi_g, MessageType.TRAIN, 2), context)
+    assert not reply.has_error()
     assert calls == [], "features were recomputed although cached in context.state"
+
+
+def user_error(reply: Message) -> str:
+    """The reason of a ClientApp's user-error reply."""
+    assert reply.has_error(), "expected an error reply"
+    assert reply.error.code == protocol.USER_ERROR
+    return reply.error.reason
 
 
 def test_missing_partition_in_node_config_is_a_clear_error(phi_g):
     context = make_context()
     context.node_config.clear()
-    with pytest.raises(ValueError, match="partition-id"):
-        client.train(server_message(phi_g, MessageType.TRAIN), context)
+    assert "partition-id" in user_error(client.train(server_message(phi_g, MessageType.TRAIN), context))
 
 
 class FakeGrid:
@@ -95,11 +134,11 @@ class FakeGrid:
         return self.node_ids
 
 
-def reply(phi: dict, n, src: int, request: Message) -> Message:
+def reply(phi: dict, n, src: int, request: Message, partition_id: int = 0) -> Message:
     """Node ``src``'s reply to a Stage-1 request."""
     request = Message(request.content, dst_node_id=src, message_type=request.metadata.message_type)
-    metrics = MetricRecord({"num-examples": n, "conflict-rate": 0.5})
-    return Message(RecordDict({"arrays": ArrayRecord(phi), "metrics": metrics}), reply_to=request)
+    values = MetricRecord({"num-examples": n, "partition-id": partition_id, "conflict-rate": 0.5})
+    return Message(RecordDict({"arrays": ArrayRecord(phi), "metrics": values}), reply_to=request)
 
 
 GOOD = {"ctx": torch.ones(2, 3)}
@@ -122,10 +161,11 @@ BAD_REPLIES = {
 def test_aggregation_is_weighted_by_n_k():
     strategy = FedPuReLStrategy({"ctx": (2, 3)}, max_examples=1000)
     request = server_message({"ctx": torch.zeros(2, 3)}, MessageType.TRAIN)
-    replies = [reply({"ctx": torch.ones(2, 3)}, 10, 1, request), reply({"ctx": 4 * torch.ones(2, 3)}, 30, 2, request)]
-    arrays, metrics = strategy.aggregate_train(1, replies)
+    replies = [reply({"ctx": torch.ones(2, 3)}, 10, 1, request, 0),
+               reply({"ctx": 4 * torch.ones(2, 3)}, 30, 2, request, 1)]
+    arrays, values = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["ctx"].numpy(), np.full((2, 3), (10 * 1 + 30 * 4) / 40))
-    assert metrics["conflict-rate"] == pytest.approx(0.5)
+    assert values["conflict-rate"] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REPLIES))
@@ -133,7 +173,7 @@ def test_a_bad_reply_is_dropped_logged_and_the_round_goes_on(case, caplog):
     strategy = FedPuReLStrategy({"ctx": (2, 3)}, max_examples=1000)
     request = server_message({"ctx": torch.zeros(2, 3)}, MessageType.TRAIN)
     phi, n = BAD_REPLIES[case]
-    bad = reply(phi, n, 777, request)
+    bad = reply(phi, n, 777, request, 1)
     assert strategy.reply_problem(bad) is not None
     with caplog.at_level("WARNING", logger="flwr"):
         arrays, _ = strategy.aggregate_train(3, [reply(GOOD, 10, 1, request), bad])
@@ -145,7 +185,7 @@ def test_a_round_without_enough_valid_replies_fails_clearly():
     strategy = FedPuReLStrategy({"ctx": (2, 3)}, max_examples=1000, min_valid_replies=2)
     request = server_message({"ctx": torch.zeros(2, 3)}, MessageType.TRAIN)
     with pytest.raises(RuntimeError, match="only 1 valid client update"):
-        strategy.aggregate_train(4, [reply(GOOD, 10, 1, request), reply(*BAD_REPLIES["NaN"], 2, request)])
+        strategy.aggregate_train(4, [reply(GOOD, 10, 1, request), reply(*BAD_REPLIES["NaN"], 2, request, 1)])
 
 
 def test_sampling_is_seeded_all_first_round_then_a_fraction():
@@ -164,32 +204,72 @@ def test_personalization_and_evaluation_messages_go_to_every_node():
     grid = FakeGrid([5, 6, 7])
     strategy = FedPuReLStrategy({"ctx": (2, 3)}, min_available_nodes=1)
     arrays = ArrayRecord({"ctx": torch.zeros(2, 3)})
-    personalize = strategy.configure_personalize(3, arrays, grid)
+    personalize = strategy.configure_personalize(arrays, Instruction(3), grid)
     assert [m.metadata.dst_node_id for m in personalize] == [5, 6, 7]
     assert {m.metadata.message_type for m in personalize} == {PERSONALIZE}
-    evaluate = list(strategy.configure_evaluate(3, arrays, ConfigRecord(), grid))
+    assert all(m.content[protocol.CONFIG]["server-round"] == 3 for m in personalize)
+    sampled = strategy.configure_personalize(arrays, Instruction(3), grid, [6])
+    assert [m.metadata.dst_node_id for m in sampled] == [6]
+    evaluate = list(strategy.configure_evaluate(3, arrays, Instruction(3), grid))
+    assert [m.metadata.dst_node_id for m in evaluate] == [5, 6, 7]
     assert {m.metadata.message_type for m in evaluate} == {MessageType.EVALUATE}
+    query = strategy.configure_query(Instruction(0), grid)
+    assert [m.metadata.dst_node_id for m in query] == [5, 6, 7]
+    assert {m.metadata.message_type for m in query} == {protocol.QUERY}
+    assert all(not m.content.array_records for m in query), "a query carries no parameters"
+
+
+def test_a_query_reports_the_partition_and_reads_no_data(monkeypatch):
+    from fedpurel_app import client as library_client
+
+    monkeypatch.setattr(library_client, "client_data", lambda *a: pytest.fail("a query read data"))
+    context = make_context(3)
+    msg = Message(RecordDict({protocol.CONFIG: ConfigRecord(Instruction(0).to_config())}), dst_node_id=103,
+                  message_type=protocol.QUERY)
+    answer = client.query(msg, context)
+    assert not answer.has_error() and metrics(answer) == {"partition-id": 3}
+    strategy = FedPuReLStrategy({"ctx": (2, 3)})
+    (identity,) = strategy.identities([answer])
+    assert identity.partition_id == 3
 
 
 def test_phi_k_survives_a_node_restart_through_its_state_dir(phi_g, tmp_path):
     node_config = {"partition-id": 2, "num-partitions": 4, "state-dir": str(tmp_path / "state")}
     first = make_context(2)
     first.node_config.update(node_config)
-    client.personalize(server_message(phi_g, PERSONALIZE), first)
-    saved = first.state.array_records[client.PHI_K].to_torch_state_dict()["ctx"]
+    assert metrics(client.personalize(server_message(phi_g, PERSONALIZE), first))["restored"] == 0
+    saved = private(first)["ctx"]
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
 
     restarted = make_context(2)  # a fresh process: empty context.state, same state-dir
     restarted.node_config.update(node_config)
-    reply = client.evaluate(server_message(phi_g, MessageType.EVALUATE, 5), restarted)
-    assert next(iter(reply.content.metric_records.values()))["personalized"] == 1
-    assert torch.equal(restarted.state.array_records[client.PHI_K].to_torch_state_dict()["ctx"], saved)
+    got = metrics(client.evaluate(server_message(phi_g, MessageType.EVALUATE, 5), restarted))
+    assert got["personalized"] == 1 and got["restored"] == 1
+    assert torch.equal(private(restarted)["ctx"], saved)
 
     other_run = make_context(2)  # another config (seed): the saved phi_k is not loaded
     other_run.node_config.update(node_config)
     other_run.run_config["seed"] = 7
-    reply = client.evaluate(server_message(phi_g, MessageType.EVALUATE, 1), other_run)
-    assert next(iter(reply.content.metric_records.values()))["personalized"] == 0
+    got = metrics(client.evaluate(server_message(phi_g, MessageType.EVALUATE, 1), other_run))
+    assert got["personalized"] == 0 and got["restored"] == 0
+
+
+def test_a_node_without_state_dir_keeps_its_phi_k_in_a_folder_of_the_run(phi_g, tmp_path):
+    """Simulation: no state-dir; the run named in the instruction gives the node a folder in the cache."""
+    run_config = {**SMALL_RUN, "model.cache-dir": str(tmp_path / "cache")}
+    first = make_context(1)
+    first.run_config = dict(run_config)
+    client.personalize(server_message(phi_g, PERSONALIZE, 2, run="run-a"), first)
+    folder = tmp_path / "cache" / "nodes" / "run-a" / "partition-1-of-4"
+    assert (folder / "phi_k.safetensors").is_file()
+    again = make_context(1)  # a restarted simulation: empty context.state, same run
+    again.run_config = dict(run_config)
+    got = metrics(client.evaluate(server_message(phi_g, MessageType.EVALUATE, 3, run="run-a"), again))
+    assert got["personalized"] == 1 and got["restored"] == 1
+    other = make_context(1)  # another run does not see it
+    other.run_config = dict(run_config)
+    got = metrics(client.evaluate(server_message(phi_g, MessageType.EVALUATE, 3, run="run-b"), other))
+    assert got["personalized"] == 0 and got["restored"] == 0
 
 
 @pytest.mark.parametrize(
@@ -198,42 +278,59 @@ def test_phi_k_survives_a_node_restart_through_its_state_dir(phi_g, tmp_path):
         ({}, "missing key 'partition-id'"),
         ({"partition-id": 4, "num-partitions": 4}, "partition-id (4) must be smaller than num-partitions (4)"),
         ({"partition-id": -1, "num-partitions": 4}, "key 'partition-id'"),
-        ({"partition-id": 0, "num-partitions": 4, "state-dri": "/tmp/x"}, "unknown key 'state-dri' (did you mean 'state-dir'?)"),
+        ({"partition-id": 0, "num-partitions": 4, "state-dri": "/tmp/x"},
+         "unknown key 'state-dri' (did you mean 'state-dir'?)"),
     ],
 )
 def test_a_bad_node_config_is_one_clear_error(phi_g, node_config, expected):
-    from fedpurel_app.config import ConfigError
+    from fedpurel_app.config import ConfigError, parse_node_config
 
     context = make_context()
     context.node_config.clear()
     context.node_config.update(node_config)
     with pytest.raises(ConfigError) as err:
-        client.train(server_message(phi_g, MessageType.TRAIN), context)
+        parse_node_config(context.node_config)
     assert expected in str(err.value) and "--node-config" in str(err.value)
+    # The ClientApp replies with that one message as a user error, for every message type.
+    for message_type, rnd in ((MessageType.TRAIN, 1), (PERSONALIZE, 2), (MessageType.EVALUATE, 2)):
+        reason = user_error(client_handler(message_type)(server_message(phi_g, message_type, rnd), context))
+        assert expected in reason and "--node-config" in reason and "Traceback" not in reason
+
+
+def client_handler(message_type: str):
+    return {MessageType.TRAIN: client.train, PERSONALIZE: client.personalize,
+            MessageType.EVALUATE: client.evaluate}[message_type]
 
 
 @pytest.mark.parametrize("name", ["promptfl-la", "fed-grab", "promptfolio", "pft", "lp-ft", "fedpurel-kl"])
 def test_every_method_runs_through_the_client_app_and_keeps_its_private_state(phi_g, name):
     """train (with the class counts when the method needs them), personalize, evaluate."""
-    from fedpurel_app.methods import METHODS
-
-    method = METHODS[name]
+    method = METHODS.get(name)
     context = make_context()
-    context.run_config = {**SMALL_RUN, "method": name}
-    msg = server_message(phi_g, MessageType.TRAIN)
-    if method.needs_prior:
-        counts = [int(c) for c in task.class_counts(parse_run_config(context.run_config))]
-        msg.content["config"]["class-counts"] = counts
-    reply = client.train(msg, context)
+    context.run_config = {**SMALL_RUN, "method.name": name}
+    cfg = make_cfg(context.run_config)
+    extra = {"class_counts": tuple(int(c) for c in class_counts(cfg.data, cfg.seed))} if method.needs_prior else {}
+    reply = client.train(server_message(phi_g, MessageType.TRAIN, **extra), context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     (record,) = reply.content.array_records.values()
     assert list(record.keys()) == ["ctx"], "a train reply carries phi_g only"
     if method.personal_phase:
-        client.personalize(server_message(phi_g, PERSONALIZE, 2), context)
-    evaluation = client.evaluate(server_message(phi_g, MessageType.EVALUATE, 2), context).content["metrics"]
+        assert not client.personalize(server_message(phi_g, PERSONALIZE, 2, **extra), context).has_error()
+    evaluation = metrics(client.evaluate(server_message(phi_g, MessageType.EVALUATE, 2, **extra), context))
     has_private = method.personal_phase or method.stage1_trains_private
     assert bool(evaluation["personalized"]) == has_private
-    assert (client.PHI_K in context.state.array_records) == has_private
-    assert (client.METHOD_STATE in context.state.array_records) == (name in ("fed-grab", "lp-ft"))
+    assert (PHI_K_RECORD in context.state.array_records) == has_private
+    assert (METHOD_STATE_RECORD in context.state.array_records) == (name in ("fed-grab", "lp-ft"))
+
+
+def test_a_method_that_needs_the_prior_says_so_when_a_message_lacks_it(phi_g):
+    """A message without the class counts is the server's mistake, not the user's: it raises (Flower
+    turns that into an error reply), naming what is missing."""
+    assert METHODS.get("promptfl-la").needs_prior
+    context = make_context()
+    context.run_config = {**SMALL_RUN, "method.name": "promptfl-la"}
+    with pytest.raises(ValueError, match="class-counts"):
+        client.train(server_message(phi_g, MessageType.TRAIN), context)
 
 
 class PollingGrid:
@@ -302,8 +399,8 @@ def test_aggregation_does_not_depend_on_the_order_replies_arrive_in():
     strategy = FedPuReLStrategy({"ctx": (4, 8)}, max_examples=10**6)
     request = server_message({"ctx": torch.zeros(4, 8)}, MessageType.TRAIN)
     g = torch.Generator().manual_seed(0)
-    replies = [reply({"ctx": torch.randn(4, 8, generator=g)}, int(n), node, request)
-               for node, n in zip(range(1, 8), torch.randint(1, 1000, (7,), generator=g))]
+    replies = [reply({"ctx": torch.randn(4, 8, generator=g)}, int(n), node, request, node - 1)
+               for node, n in zip(range(1, 8), torch.randint(1, 1000, (7,), generator=g), strict=True)]
     first, _ = strategy.aggregate_train(1, replies)
     second, _ = strategy.aggregate_train(1, replies[::-1])
     assert np.array_equal(first["ctx"].numpy(), second["ctx"].numpy())
@@ -315,11 +412,7 @@ def test_sampling_follows_the_partitions_nodes_report_not_their_random_ids():
     def sampled_partitions(node_ids):
         strategy = FedPuReLStrategy({"ctx": (2, 3)}, fraction_train=0.4, seed=3)
         request = server_message({"ctx": torch.zeros(2, 3)}, MessageType.TRAIN)
-        replies = []
-        for pid, node in enumerate(node_ids):
-            msg = reply({"ctx": torch.ones(2, 3)}, 10, node, request)
-            msg.content["metrics"]["partition-id"] = pid
-            replies.append(msg)
+        replies = [reply({"ctx": torch.ones(2, 3)}, 10, node, request, pid) for pid, node in enumerate(node_ids)]
         strategy.note_partitions(replies)
         grid = type("G", (), {"get_node_ids": lambda self: list(node_ids)})()
         by_node = {node: pid for pid, node in enumerate(node_ids)}
@@ -334,53 +427,54 @@ def test_a_restarted_node_restores_a_methods_private_state_from_its_state_dir(ph
     """LP-FT's head (method state) and copy (phi_k) survive a restart through the state-dir."""
     def node():
         context = make_context()
-        context.run_config = {**SMALL_RUN, "method": "lp-ft"}
+        context.run_config = {**SMALL_RUN, "method.name": "lp-ft"}
         context.node_config = {**context.node_config, "state-dir": str(tmp_path / "state")}
         return context
 
     before = node()
-    client.personalize(server_message(phi_g, PERSONALIZE, 3), before)
-    expected = client.evaluate(server_message(phi_g, MessageType.EVALUATE, 3), before).content["metrics"]
+    assert not client.personalize(server_message(phi_g, PERSONALIZE, 3), before).has_error()
+    expected = metrics(client.evaluate(server_message(phi_g, MessageType.EVALUATE, 3), before))
     after = node()  # a fresh process: empty context.state
-    got = client.evaluate(server_message(phi_g, MessageType.EVALUATE, 3), after).content["metrics"]
-    head = after.state.array_records[client.METHOD_STATE].to_torch_state_dict()["head"]
-    assert torch.equal(head, before.state.array_records[client.METHOD_STATE].to_torch_state_dict()["head"])
-    assert list(got["pm-preds"]) == list(expected["pm-preds"]) and got["personalized"] == 1
+    got = metrics(client.evaluate(server_message(phi_g, MessageType.EVALUATE, 3), after))
+    head = private(after, METHOD_STATE_RECORD)["head"]
+    assert torch.equal(head, private(before, METHOD_STATE_RECORD)["head"])
+    assert got["pm-correct"] == expected["pm-correct"] and got["personalized"] == 1 and got["restored"] == 1
 
 
 def test_the_partition_id_is_not_averaged_into_the_round_metrics():
     strategy = FedPuReLStrategy({"ctx": (2, 3)}, max_examples=1000)
     request = server_message({"ctx": torch.zeros(2, 3)}, MessageType.TRAIN)
-    replies = [reply({"ctx": torch.ones(2, 3)}, 10, node, request) for node in (1, 2)]
-    for pid, msg in enumerate(replies):
-        msg.content["metrics"]["partition-id"] = pid
-    _, metrics = strategy.aggregate_train(1, replies)
-    assert "partition-id" not in metrics and metrics["conflict-rate"] == pytest.approx(0.5)
+    replies = [reply({"ctx": torch.ones(2, 3)}, 10, node, request, pid) for pid, node in enumerate((1, 2))]
+    _, values = strategy.aggregate_train(1, replies)
+    assert "partition-id" not in values and values["conflict-rate"] == pytest.approx(0.5)
     assert strategy.partitions == {1: 0, 2: 1}
 
 
 def test_personalize_with_evaluate_replies_what_a_separate_evaluation_would(phi_g, small_cfg):
     """One message per client in the personal phase: personalize, then evaluate, in one ClientApp call."""
     merged, separate = make_context(1), make_context(1)
-    ask = server_message(phi_g, PERSONALIZE, 3)
-    ask.content["config"]["evaluate"] = 1
-    merged_reply = client.personalize(ask, merged)
+    merged_reply = client.personalize(server_message(phi_g, PERSONALIZE, 3, evaluate=True), merged)
     plain_reply = client.personalize(server_message(phi_g, PERSONALIZE, 3), separate)
     evaluate_reply = client.evaluate(server_message(phi_g, MessageType.EVALUATE, 3), separate)
 
     assert all_tensors(merged_reply) == []
-    (got,) = merged_reply.content.metric_records.values()
-    (want,) = evaluate_reply.content.metric_records.values()
-    (plain,) = plain_reply.content.metric_records.values()
-    assert "labels" not in plain, "without evaluate a personalize reply carries no predictions"
-    assert got["residual-loss"] == plain["residual-loss"]
-    for key in want:
+    got, want, plain = metrics(merged_reply), metrics(evaluate_reply), metrics(plain_reply)
+    assert "pm-correct" not in plain and "class-total" not in plain, "without evaluate no evaluation is sent"
+    assert got["personal-loss"] == plain["personal-loss"]
+    for key in protocol.Evaluation.KEYS + ("personalized", "partition-id", "restored"):
         assert got[key] == want[key], key
+    assert sum(got["class-total"]) == want["num-examples"]  # a personalize reply's num-examples: its train set
     assert got["personalized"] == 1
 
-    strategy = FedPuReLStrategy({"ctx": tuple(phi_g["ctx"].shape)}, num_classes=len(task.class_counts(small_cfg)))
-    assert strategy.evaluate_replies([merged_reply]) == [got]
-    messages = strategy.configure_personalize(3, ArrayRecord(phi_g), FakeGrid([5, 6]), evaluate=True)
-    assert [m.content["config"]["evaluate"] for m in messages] == [1, 1]
+    classes = num_classes(small_cfg)
+    strategy = FedPuReLStrategy({"ctx": tuple(phi_g["ctx"].shape)}, num_classes=classes)
+    (pair,) = strategy.read_replies("personal", [merged_reply],
+                                    lambda m: PersonalizeReply.read(metrics_of(m), classes, True))
+    assert pair[1].evaluation == EvaluateReply.read(want, classes).evaluation
+    # Read as a reply without an evaluation, the merged reply does not follow the protocol.
+    assert strategy.read_replies("personal", [merged_reply],
+                                 lambda m: PersonalizeReply.read(metrics_of(m), classes, False)) == []
+    messages = strategy.configure_personalize(ArrayRecord(phi_g), Instruction(3, evaluate=True), FakeGrid([5, 6]))
+    assert [m.content["config"]["evaluate"] for m in messages] == [True, True]
     assert all("evaluate" not in m.content["config"]
-               for m in strategy.configure_personalize(3, ArrayRecord(phi_g), FakeGrid([5, 6])))
+               for m in strategy.configure_personalize(ArrayRecord(phi_g), Instruction(3), FakeGrid([5, 6])))

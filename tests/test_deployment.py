@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -38,12 +38,14 @@ from deploy.loopback import loopback_env, message_start_cost
 
 REPO = Path(__file__).resolve().parent.parent
 FLWR = REPO / ".venv" / "bin" / "flwr"
+FEDPUREL = REPO / ".venv" / "bin" / "fedpurel"
 NUM_NODES = 3
-TINY = ("num-rounds=2 personal-rounds=1 local-epochs=1 personal-epochs=1 client-test-size=30 "
-        "fraction-train=0.67 min-nodes=3")
-# (b): one Stage-1 round; min-nodes=2 so that the rounds after the kill go on with two nodes;
+TINY = ("train.rounds=2 personalize.rounds=1 train.local-epochs=1 personalize.epochs=1 data.client-test-size=30 "
+        "train.fraction=0.67 train.min-nodes=3")
+# (b): one Stage-1 round; train.min-nodes=2 so that the rounds after the kill go on with two nodes;
 # round-timeout bounds the wait should heartbeat detection ever fail.
-KILL_RUN = "num-rounds=1 personal-rounds=0 local-epochs=1 client-test-size=30 min-nodes=2 round-timeout=150"
+KILL_RUN = ("train.rounds=1 personalize.rounds=0 train.local-epochs=1 data.client-test-size=30 train.min-nodes=2 "
+            "round-timeout=150")
 
 
 class Federation:
@@ -52,7 +54,8 @@ class Federation:
         self.env = loopback_env(root, NUM_NODES)
         self.timings: dict[str, float] = {}
 
-    def script(self, name: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    def script(self, name: str, *args: str, timeout: float = 600,
+               env: dict | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
             ["bash", str(REPO / "deploy" / name), *args], cwd=REPO, env=env or self.env,
             capture_output=True, text=True, timeout=timeout,
@@ -123,8 +126,8 @@ def fed(tmp_path_factory, request):
     # Each node's own data: its partition of the embedded dataset, written as a data-dir.
     for i in range(NUM_NODES):
         export = subprocess.run(
-            [sys.executable, "-m", "fedpurel_app.data.local", str(federation.dir / "data" / str(i)),
-             "--partition-id", str(i), "--num-partitions", str(NUM_NODES), "--set", "client-test-size=30"],
+            [str(FEDPUREL), "node-data", str(federation.dir / "data" / str(i)),
+             "--partition-id", str(i), "--num-partitions", str(NUM_NODES), "--set", "data.client-test-size=30"],
             cwd=REPO, env=federation.env, capture_output=True, text=True, timeout=300,
         )
         assert export.returncode == 0, export.stdout + export.stderr
@@ -218,10 +221,10 @@ def test_the_app_runs_end_to_end_on_the_deployed_federation(fed):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "finished:completed" in proc.stdout
     results = _results(out_dir)
-    assert results["config"]["num-rounds"] == 2 and results["config"]["min-nodes"] == 3
+    assert results["config"]["train.rounds"] == 2 and results["config"]["train.min-nodes"] == 3
     assert [(r["round"], r["phase"]) for r in results["rounds"]] == [(1, "global"), (2, "global"), (3, "personal")]
     assert results["rounds"][0]["train"]["clients"] == NUM_NODES, "round 1 trains every node"
-    assert results["rounds"][1]["train"]["clients"] == 2, "round 2: fraction-train 0.67 of 3 nodes"
+    assert results["rounds"][1]["train"]["clients"] == 2, "round 2: train.fraction 0.67 of 3 nodes"
     pm = results["final"]["pm"]
     assert pm["num_clients"] == NUM_NODES and pm["personalized"]
     classes = len(results["zero_shot"]["gm"]["per_class"])
@@ -314,13 +317,15 @@ def test_a_restarted_supernode_keeps_its_phi_k_on_disk(fed):
     before = hashlib.sha256(phi_k.read_bytes()).hexdigest()
     out_dir = fed.dir / "outputs-restart"
     proc = subprocess.run(
-        ["bash", str(REPO / "deploy" / "run.sh"), KILL_RUN.replace("min-nodes=2", "min-nodes=3")], cwd=REPO,
+        ["bash", str(REPO / "deploy" / "run.sh"), KILL_RUN.replace("train.min-nodes=2", "train.min-nodes=3")], cwd=REPO,
         env={**fed.env, "OUTPUT_DIR": str(out_dir)}, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     pm = _results(out_dir)["final"]["pm"]
     assert pm["num_clients"] == NUM_NODES
     assert pm["personalized_clients"] == NUM_NODES, "a node lost its phi_k across the restart"
+    # This run's first message to each node (a new run: an empty context.state) restored phi_k.
+    assert f"{NUM_NODES} of {NUM_NODES} clients restored their private state" in proc.stdout, proc.stdout[-3000:]
     assert hashlib.sha256(phi_k.read_bytes()).hexdigest() == before
 
 
@@ -335,8 +340,8 @@ def test_a_supernode_restarted_between_rounds_continues_from_its_phi_k(fed):
     out_dir = fed.dir / "outputs-between-rounds"
     # Enough personal rounds (one message per node each) for the restarted node to be back
     # online before the last one: the SuperLink takes up to a minute to let its key in again.
-    run = ("num-rounds=1 personal-rounds=12 local-epochs=1 personal-epochs=1 client-test-size=30 "
-           "min-nodes=2 round-timeout=120 seed=7")
+    run = ("train.rounds=1 personalize.rounds=12 train.local-epochs=1 personalize.epochs=1 data.client-test-size=30 "
+           "train.min-nodes=2 round-timeout=120 seed=7")
     proc = subprocess.Popen(
         ["bash", str(REPO / "deploy" / "run.sh"), run], cwd=REPO,
         env={**fed.env, "OUTPUT_DIR": str(out_dir)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -358,6 +363,7 @@ def test_a_supernode_restarted_between_rounds_continues_from_its_phi_k(fed):
             while time.monotonic() < deadline and _running(pid):
                 if fed.node_id(victim) in fed.online():
                     state["back"] = time.monotonic()
+                    state["back_line"] = len(lines)
                     return
                 time.sleep(1)
             time.sleep(5)
@@ -378,8 +384,11 @@ def test_a_supernode_restarted_between_rounds_continues_from_its_phi_k(fed):
     assert "saved" in state, "the run never finished a personalization round:\n" + text[-4000:]
     assert rc == 0 and "finished:completed" in text, text[-4000:]
     assert "back" in state, "the restarted node never came back online:\n" + fed.log(f"supernode-{victim}")[-3000:]
-    logs = fed.log(f"supernode-{victim}")[state["log_offset"]:]  # what the restarted process wrote
-    assert "Restored this node's phi_k from its state-dir" in logs, logs[-3000:]
+    # The restarted node (a fresh context.state) restored phi_k from its state-dir in its first
+    # message after the restart; the others still held theirs in their context.state.
+    after = "".join(lines[state["back_line"]:])
+    assert re.search(r"round \d+ personalization: 1 of 3 clients restored their private state", after), \
+        after[-3000:] + fed.log(f"supernode-{victim}")[state["log_offset"]:][-3000:]
     assert hashlib.sha256(phi_k.read_bytes()).hexdigest() != state["saved"], "the restarted node never trained again"
     pm = _results(out_dir)["final"]["pm"]
     assert pm["num_clients"] == NUM_NODES and pm["personalized_clients"] == NUM_NODES

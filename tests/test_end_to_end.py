@@ -9,8 +9,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -41,14 +39,14 @@ def only_results(out: Path) -> dict:
     return json.loads(path.read_text())
 
 
-SMALL = "num-rounds=2 personal-rounds=1 local-epochs=1 fraction-train=0.5 client-test-size=40"
+SMALL = "train.rounds=2 personalize.rounds=1 train.local-epochs=1 train.fraction=0.5 data.client-test-size=40"
 
 
 def test_default_schedule_writes_complete_results(tmp_path):
     proc, out = run_app(tmp_path, SMALL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = only_results(out)
-    assert results["config"]["num-rounds"] == 2 and results["config"]["method"] == "fedpurel"
+    assert results["config"]["train.rounds"] == 2 and results["config"]["method.name"] == "fedpurel"
     for gm in (results["zero_shot"]["gm"], results["final"]["gm"]):
         for key in ("all", "many", "medium", "few", "balancedness"):
             assert 0.0 <= gm[key] <= 1.0
@@ -61,18 +59,21 @@ def test_default_schedule_writes_complete_results(tmp_path):
     assert phases == [(1, "global"), (2, "global"), (3, "personal")]
     first = results["rounds"][0]
     assert first["train"]["clients"] == 4, "round 1 samples every client"
-    assert results["rounds"][1]["train"]["clients"] == 2, "then fraction-train of them"
+    assert results["rounds"][1]["train"]["clients"] == 2, "then train.fraction of them"
     assert 0.0 <= first["train"]["conflict-rate"] <= 1.0 and "mean-cosine" in first["train"]
     assert all("wall_time" in r for r in results["rounds"])
     assert "zero-shot" in proc.stdout and "results:" in proc.stdout
     # Progress: one concise line per round with its phase, accuracy and elapsed time.
-    progress = re.findall(r"\[fedpurel\] round (\d)/3 (global|personal) +(GM|PM) all +\d+\.\d.*\| *\d+\.\ds", proc.stdout)
-    assert [(r, p) for r, p, _ in progress] == [("1", "global"), ("2", "global"), ("3", "personal")], proc.stdout[-3000:]
+    progress = re.findall(r"\[fedpurel\] round (\d)/3 (global|personal) +(GM|PM) all +\d+\.\d.*\| *\d+\.\ds",
+                          proc.stdout)
+    assert [(r, p) for r, p, _ in progress] == [("1", "global"), ("2", "global"), ("3", "personal")], \
+        proc.stdout[-3000:]
     assert flower_processes(tmp_path / "flwr-home") == [], "processes left running"
 
 
 def test_interleaved_schedule_with_kl_and_flat_purification(tmp_path):
-    proc, out = run_app(tmp_path, SMALL + " personalization='interleaved' method='fedpurel-kl' granularity='flat'")
+    proc, out = run_app(tmp_path, SMALL + " method.fedpurel-kl.schedule='interleaved' method.name='fedpurel-kl'"
+                              " method.fedpurel-kl.granularity='flat'")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = only_results(out)
     assert [r["phase"] for r in results["rounds"]] == ["global", "global"]
@@ -81,12 +82,28 @@ def test_interleaved_schedule_with_kl_and_flat_purification(tmp_path):
 
 
 def test_a_bad_config_stops_before_training_with_one_clear_message(tmp_path):
-    proc, out = run_app(tmp_path, "lr=-1.0 method='tkl2'")
+    """Known keys with bad values reach the ServerApp: it stops with one FedPuReL message that
+    names every bad key, no traceback of the user error, and Flower records the run as failed."""
+    proc, out = run_app(tmp_path, "peft.prompt.lr=-1.0 method.name='tkl2'")
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
-    assert "key 'lr': value -1.0" in text and "key 'method'" in text
-    assert "Traceback" not in text
+    (stopped,) = [line for line in text.splitlines() if "FedPuReL run stopped:" in line]
+    assert "Invalid run config" in stopped, text[-3000:]
+    assert "key 'peft.prompt.lr': value -1.0 is invalid" in text and "key 'method.name': value 'tkl2'" in text
+    assert "Traceback" not in text and "ConfigError" not in text.replace("FedPuReL run stopped", ""), text[-3000:]
+    assert "ended with status finished:failed" in text, text[-3000:]
+    assert "[fedpurel] round" not in text, "training started"
     assert not list(out.glob("*/results.json")), "a results file was written for a refused config"
+    assert flower_processes(tmp_path / "flwr-home") == []
+
+
+def test_an_unknown_key_stops_before_flower_starts_with_one_line(tmp_path):
+    proc, out = run_app(tmp_path, "train.roundz=3")
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "unknown run-config key 'train.roundz' (did you mean 'train.rounds'?)" in text, text[-3000:]
+    assert "Traceback" not in text and "Successfully started run" not in text
+    assert not out.exists() or not list(out.glob("*/results.json"))
     assert flower_processes(tmp_path / "flwr-home") == []
 
 
@@ -115,7 +132,8 @@ def test_progress_lines_show_as_they_are_logged_whatever_the_environment(tmp_pat
         "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": "300000000",
     }
     env.pop("PYTHONUNBUFFERED", None)
-    proc = subprocess.Popen(["bash", "scripts/run.sh", SMALL + " local-epochs=25 personal-epochs=25"], cwd=REPO,
+    overrides = SMALL + " train.local-epochs=25 personalize.epochs=25"
+    proc = subprocess.Popen(["bash", "scripts/run.sh", overrides], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     arrived, logged, lines = {}, {}, []
     for line in proc.stdout:

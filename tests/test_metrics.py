@@ -1,4 +1,4 @@
-"""Tests for fedpurel_app.metrics (METHOD.md "Metrics")."""
+"""Tests for fedpurel_app.metrics (docs/METHOD.md "Metrics")."""
 
 from __future__ import annotations
 

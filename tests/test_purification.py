@@ -1,4 +1,4 @@
-"""Tests for fedpurel_app.purification (METHOD.md Stage 1, step 5)."""
+"""Tests for fedpurel_app.purification (docs/METHOD.md "Purification")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for fedpurel_app.residual (METHOD.md Stage 2)."""
+"""Tests for fedpurel_app.residual (docs/METHOD.md "Stage 2")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for fedpurel_app.tkl (METHOD.md Stage 1, step 3: TKL)."""
+"""Tests for fedpurel_app.tkl (docs/METHOD.md "TKL")."""
 
 from __future__ import annotations
 

@@ -7,15 +7,15 @@ import pytest
 
 from tests.test_end_to_end import flower_processes, only_results, run_app
 
-ONE_ROUND = "num-rounds=1 personal-rounds=1 local-epochs=1 client-test-size=40"
+ONE_ROUND = "train.rounds=1 personalize.rounds=1 train.local-epochs=1 data.client-test-size=40"
 
 
 @pytest.mark.parametrize("variant", ["adapter", "lora"])
 def test_variant_runs_one_round_and_writes_complete_results(tmp_path, variant):
-    proc, out = run_app(tmp_path, f"peft='{variant}' {ONE_ROUND}")
+    proc, out = run_app(tmp_path, f"peft.name='{variant}' {ONE_ROUND}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = only_results(out)
-    assert results["config"]["peft"] == variant and results["config"]["num-rounds"] == 1
+    assert results["config"]["peft.name"] == variant and results["config"]["train.rounds"] == 1
     for gm in (results["zero_shot"]["gm"], results["final"]["gm"]):
         for key in ("all", "many", "medium", "few", "balancedness"):
             assert 0.0 <= gm[key] <= 1.0
