@@ -39,8 +39,13 @@ from framework_overhead import flower_run  # noqa: E402
 
 from deploy.loopback import loopback_env, message_start_cost  # noqa: E402
 
-DEFAULT = ["train.rounds=3", "personalize.rounds=2", "train.local-epochs=1", "personalize.epochs=1",
-           "data.client-test-size=30"]
+DEFAULT = [
+    "train.rounds=3",
+    "personalize.rounds=2",
+    "train.local-epochs=1",
+    "personalize.epochs=1",
+    "data.client-test-size=30",
+]
 
 
 def message_start(repeats: int) -> list[tuple[float, float, float, float]]:
@@ -64,8 +69,9 @@ def deployment_run(overrides: str, nodes: int, work: Path) -> tuple[float, dict]
     env = {**loopback_env(work, nodes), "OUTPUT_DIR": str(work / "outputs")}
 
     def script(name: str, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(ROOT / "deploy" / name), *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True)
+        return subprocess.run(
+            ["bash", str(ROOT / "deploy" / name), *args], cwd=ROOT, env=env, capture_output=True, text=True
+        )
 
     try:
         started = script("start.sh")
@@ -99,22 +105,28 @@ def main() -> None:
 
     starts = message_start(args.starts)
     imports, build, optimizer, wall = (statistics.median(column) for column in zip(*starts, strict=True))
-    print(f"ClientApp message start (fresh process, median of {args.starts}): imports {imports:.1f} s, "
-          f"model build {build:.1f} s, first optimizer {optimizer:.1f} s, wall {wall:.1f} s")
+    print(
+        f"ClientApp message start (fresh process, median of {args.starts}): imports {imports:.1f} s, "
+        f"model build {build:.1f} s, first optimizer {optimizer:.1f} s, wall {wall:.1f} s"
+    )
     if args.starts_only:
         return
 
     with tempfile.TemporaryDirectory() as tmp:
         deploy_wall, deploy_results = deployment_run(overrides, args.nodes, Path(tmp) / "deploy")
         sim_wall, sim_results = flower_run(overrides, args.nodes, Path(tmp) / "sim")
-    print(f"run wall time: deployment {deploy_wall:.1f} s | simulation {sim_wall:.1f} s | "
-          f"ratio {deploy_wall / sim_wall:.2f}x")
+    print(
+        f"run wall time: deployment {deploy_wall:.1f} s | simulation {sim_wall:.1f} s | "
+        f"ratio {deploy_wall / sim_wall:.2f}x"
+    )
     deploy_rounds, sim_rounds = round_times(deploy_results), round_times(sim_results)
     for phase in ("global", "personal"):
         d, s = median_time(deploy_rounds, phase), median_time(sim_rounds, phase)
         if d is not None and s is not None:
-            print(f"{phase} round (median, round 1 excluded): deployment {d:.1f} s | simulation {s:.1f} s | "
-                  f"ratio {d / s:.1f}x")
+            print(
+                f"{phase} round (median, round 1 excluded): deployment {d:.1f} s | simulation {s:.1f} s | "
+                f"ratio {d / s:.1f}x"
+            )
     for name, results in (("deployment", deploy_results), ("simulation", sim_results)):
         gm, pm = results["final"].get("gm", {}), results["final"].get("pm", {})
         print(f"final {name}: GM all {gm.get('all', float('nan')):.3f} | PM all {pm.get('all', float('nan')):.3f}")

@@ -38,8 +38,9 @@ def full_length_features(clip, tokens, ctx):
     model = clip.model
     n_ctx = ctx.shape[0]
     embedding = model.token_embedding(tokens)
-    embedding = torch.cat([embedding[:, :1], ctx.unsqueeze(0).expand(len(tokens), -1, -1),
-                           embedding[:, 1 + n_ctx:]], dim=1)
+    embedding = torch.cat(
+        [embedding[:, :1], ctx.unsqueeze(0).expand(len(tokens), -1, -1), embedding[:, 1 + n_ctx :]], dim=1
+    )
     x = embedding + model.positional_embedding
     x = model.transformer(x, attn_mask=model.attn_mask)
     x = model.ln_final(x)
@@ -91,10 +92,12 @@ def main() -> None:
     with torch.no_grad():
         diff = float((peft.text_features(peft.phi_g) - full_length_features(clip, tokens, ctx)).abs().max())
     length = peft.positional.shape[0]
-    print(f"config: data.name={cfg.data.name} ({len(classnames)} classes), model.name={cfg.model.name}, "
-          f"peft.prompt.n-ctx={n_ctx}, peft.prompt.ctx-init={cfg.peft.prompt.ctx_init!r}; "
-          f"sequence length {length} (max EOT + 1) vs context length "
-          f"{tokens.shape[1]}; threads 1, {args.repeats} interleaved repeats, medians")
+    print(
+        f"config: data.name={cfg.data.name} ({len(classnames)} classes), model.name={cfg.model.name}, "
+        f"peft.prompt.n-ctx={n_ctx}, peft.prompt.ctx-init={cfg.peft.prompt.ctx_init!r}; "
+        f"sequence length {length} (max EOT + 1) vs context length "
+        f"{tokens.shape[1]}; threads 1, {args.repeats} interleaved repeats, medians"
+    )
     for k, (ts, tf) in times.items():
         s, f = statistics.median(ts), statistics.median(tf)
         print(f"  {k:18s}: truncated {1e3 * s:.2f} ms | full length {1e3 * f:.2f} ms | speed-up {f / s:.2f}x")

@@ -34,8 +34,15 @@ def prepare_all(cfg, clients: int) -> float:
     for k in range(clients):
         client_inputs(cfg, clip, k, clients)
     test = global_test(cfg.data)
-    feature_set(clip, input_kind(cfg.peft.name), test.test, test.test_identity, test.classnames, test.template,
-                feature_cache_dir(cfg.model))
+    feature_set(
+        clip,
+        input_kind(cfg.peft.name),
+        test.test,
+        test.test_identity,
+        test.classnames,
+        test.template,
+        feature_cache_dir(cfg.model),
+    )
     return time.perf_counter() - start
 
 
@@ -58,8 +65,10 @@ def main() -> None:
         no_cache = prepare_all(uncached, args.clients)
         cold = prepare_all(cached, args.clients)
         warm = prepare_all(cached, args.clients)
-    print(f"config: data.name={base.data.name} model.name={base.model.name} peft.name={base.peft.name} "
-          f"clients={args.clients}")
+    print(
+        f"config: data.name={base.data.name} model.name={base.model.name} peft.name={base.peft.name} "
+        f"clients={args.clients}"
+    )
     print(f"no cache {no_cache:.2f} s | cold cache (compute + write) {cold:.2f} s | warm cache {warm:.2f} s")
     print(f"speed-up of a cached run: {cold / warm:.1f}x over the first run, {no_cache / warm:.1f}x over no cache")
 

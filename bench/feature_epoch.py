@@ -47,8 +47,9 @@ from fedpurel_app.training import seeded_generator, stage1_step  # noqa: E402
 
 def epoch(peft, data, cfg, opts, features_of) -> float:
     """One Stage-1 epoch; ``features_of(idx)`` gives a batch's image features."""
-    optimizer = torch.optim.SGD(peft.global_parameters(), lr=opts.lr, momentum=opts.momentum,
-                                weight_decay=opts.weight_decay)
+    optimizer = torch.optim.SGD(
+        peft.global_parameters(), lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay
+    )
     start = time.perf_counter()
     for idx in data.batches(cfg.train.batch_size, seeded_generator(cfg.seed, 1, 1, 0)):
         stage1_step(peft, features_of(idx), data.labels[idx], data.zero_shot_logits[idx], optimizer, opts)
@@ -79,8 +80,11 @@ def bench_variant(variant: str, args: argparse.Namespace) -> None:
         return encoder.encode_image(x, normalize=True).float()
 
     diff = float((encoded(torch.arange(len(data))) - data.features).abs().max())
-    sides = {"cached": lambda idx: data.features[idx], "encoder in the loop": encoded,
-             "+ preprocess": preprocessed_and_encoded}
+    sides = {
+        "cached": lambda idx: data.features[idx],
+        "encoder in the loop": encoded,
+        "+ preprocess": preprocessed_and_encoded,
+    }
     times = {name: [] for name in sides}
     for r in range(args.repeats + 1):
         for name, features_of in sides.items():
@@ -90,16 +94,23 @@ def bench_variant(variant: str, args: argparse.Namespace) -> None:
                 times[name].append(t)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     steps = -(-len(data) // cfg.train.batch_size)
-    print(f"config: peft.name={variant} model.name={cfg.model.name} data.name={cfg.data.name} client "
-          f"{args.client} of {args.clients} ({len(data)} images, {steps} steps of batch {cfg.train.batch_size}), "
-          f"method.name={cfg.method.name}, "
-          f"threads {args.threads}, {args.repeats} interleaved repeats, medians")
-    print(f"  epoch: cached {1e3 * med['cached']:.1f} ms | encoder in the loop "
-          f"{1e3 * med['encoder in the loop']:.1f} ms | encoder + preprocess in the loop "
-          f"{1e3 * med['+ preprocess']:.1f} ms")
-    print(f"  speed-up of caching: {med['encoder in the loop'] / med['cached']:.2f}x over the encoder in the "
-          f"loop, {med['+ preprocess'] / med['cached']:.2f}x over encoder + preprocess (target >= 10x); "
-          f"max |recomputed - cached feature| {diff:.1e}", flush=True)
+    print(
+        f"config: peft.name={variant} model.name={cfg.model.name} data.name={cfg.data.name} client "
+        f"{args.client} of {args.clients} ({len(data)} images, {steps} steps of batch {cfg.train.batch_size}), "
+        f"method.name={cfg.method.name}, "
+        f"threads {args.threads}, {args.repeats} interleaved repeats, medians"
+    )
+    print(
+        f"  epoch: cached {1e3 * med['cached']:.1f} ms | encoder in the loop "
+        f"{1e3 * med['encoder in the loop']:.1f} ms | encoder + preprocess in the loop "
+        f"{1e3 * med['+ preprocess']:.1f} ms"
+    )
+    print(
+        f"  speed-up of caching: {med['encoder in the loop'] / med['cached']:.2f}x over the encoder in the "
+        f"loop, {med['+ preprocess'] / med['cached']:.2f}x over encoder + preprocess (target >= 10x); "
+        f"max |recomputed - cached feature| {diff:.1e}",
+        flush=True,
+    )
 
 
 def main() -> None:

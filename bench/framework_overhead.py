@@ -71,9 +71,7 @@ def superlink_running() -> bool:
 def flower_run(overrides: str, clients: int, out: Path) -> tuple[float, dict]:
     env = dict(os.environ, NUM_SUPERNODES=str(clients), OUTPUT_DIR=str(out))
     start = time.perf_counter()
-    proc = subprocess.run(
-        ["bash", "scripts/run.sh", overrides], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    proc = subprocess.run(["bash", "scripts/run.sh", overrides], cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"scripts/run.sh failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -83,8 +81,15 @@ def flower_run(overrides: str, clients: int, out: Path) -> tuple[float, dict]:
 
 def loop_run(run: dict, clients: int) -> tuple[float, dict]:
     """Wall time and summary of ``bench/inprocess.py`` in a fresh process, one thread."""
-    cmd = [sys.executable, str(ROOT / "bench" / "inprocess.py"), "--threads", "1", "--clients", str(clients),
-           "--per-class"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "inprocess.py"),
+        "--threads",
+        "1",
+        "--clients",
+        str(clients),
+        "--per-class",
+    ]
     for key, value in run.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
     start = time.perf_counter()
@@ -115,8 +120,9 @@ def main() -> None:
     parser.add_argument("--rounds", default="5,30")
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each side per length (medians)")
-    parser.add_argument("--set", action="append", default=[],
-                        help="run-config key=value (TOML value) on top of the default config")
+    parser.add_argument(
+        "--set", action="append", default=[], help="run-config key=value (TOML value) on top of the default config"
+    )
     parser.add_argument("--wait", type=float, default=600.0, help="seconds to wait for a free SuperLink port")
     parser.add_argument("--shared", action="store_true", help="run even if a local SuperLink is running")
     args = parser.parse_args()
@@ -128,8 +134,10 @@ def main() -> None:
     torch.set_num_threads(1)  # as a Ray actor with client-resources-num-cpus=1 runs torch
     lengths = [int(r) for r in args.rounds.split(",")]
     base = parse_sets(args.set)
-    print(f"config: embedded default, {args.clients} clients (NUM_SUPERNODES={args.clients}), "
-          f"overrides {args.set}, Stage-1 rounds {lengths}; nproc {os.cpu_count()}")
+    print(
+        f"config: embedded default, {args.clients} clients (NUM_SUPERNODES={args.clients}), "
+        f"overrides {args.set}, Stage-1 rounds {lengths}; nproc {os.cpu_count()}"
+    )
     if superlink_running():
         print("note: a local SuperLink was already running and is reused: the Flower floor excludes its start")
     flower_t, fresh_t, loop_t = [], [], []
@@ -155,14 +163,20 @@ def main() -> None:
         fresh_t.append(wall_p)
         loop_t.append(wall_l)
         gm_f = results["final"]["gm"]
-        print(f"{rounds:>3d} rounds: flower {wall_f:6.1f} s | plain loop, fresh process {wall_p:6.1f} s "
-              f"(ratio {wall_f / wall_p:.2f}x, overhead {100 * (wall_f / wall_p - 1):.0f}%) | plain loop, warm "
-              f"{wall_l:6.1f} s (ratio {wall_f / wall_l:.2f}x)", flush=True)
+        print(
+            f"{rounds:>3d} rounds: flower {wall_f:6.1f} s | plain loop, fresh process {wall_p:6.1f} s "
+            f"(ratio {wall_f / wall_p:.2f}x, overhead {100 * (wall_f / wall_p - 1):.0f}%) | plain loop, warm "
+            f"{wall_l:6.1f} s (ratio {wall_f / wall_l:.2f}x)",
+            flush=True,
+        )
         if len(walls_f) > 1:
-            print(f"    runs: flower {' '.join(f'{w:.1f}' for w in walls_f)} s | plain loop, fresh process "
-                  f"{' '.join(f'{w:.1f}' for w in walls_p)} s")
-        print(f"    flower outside the ServerApp's rounds (start-up and end): "
-              f"{' '.join(f'{w:.1f}' for w in outside)} s")
+            print(
+                f"    runs: flower {' '.join(f'{w:.1f}' for w in walls_f)} s | plain loop, fresh process "
+                f"{' '.join(f'{w:.1f}' for w in walls_p)} s"
+            )
+        print(
+            f"    flower outside the ServerApp's rounds (start-up and end): {' '.join(f'{w:.1f}' for w in outside)} s"
+        )
         print("    final GM  flower    : " + " ".join(f"{k} {gm_f[k]:.3f}" for k in KEYS))
         print("    final GM  plain loop: " + " ".join(f"{k} {loop['gm'][k]:.3f}" for k in KEYS))
         diff = max(
@@ -170,22 +184,27 @@ def main() -> None:
             for other in (loop["gm"]["per_class"], fresh["gm_per_class"])
             for a, b in zip(gm_f["per_class"], other, strict=True)
         )
-        print(f"    PM all    flower {results['final']['pm']['all']:.3f} | plain loop {loop['pm']['all']:.3f} "
-              f"(fresh process {fresh['pm_all']:.3f}); largest per-class GM difference {diff:.3f}")
+        print(
+            f"    PM all    flower {results['final']['pm']['all']:.3f} | plain loop {loop['pm']['all']:.3f} "
+            f"(fresh process {fresh['pm_all']:.3f}); largest per-class GM difference {diff:.3f}"
+        )
     if len(lengths) >= 2:
         floor_f, per_f = fit(lengths, flower_t)
         floor_p, per_p = fit(lengths, fresh_t)
         floor_l, per_l = fit(lengths, loop_t)
-        print(f"fit t = floor + per_round * rounds: flower floor {floor_f:.1f} s + {per_f:.2f} s/round | "
-              f"plain loop, fresh process: floor {floor_p:.1f} s + {per_p:.2f} s/round | "
-              f"warm: floor {floor_l:.1f} s + {per_l:.2f} s/round")
+        print(
+            f"fit t = floor + per_round * rounds: flower floor {floor_f:.1f} s + {per_f:.2f} s/round | "
+            f"plain loop, fresh process: floor {floor_p:.1f} s + {per_p:.2f} s/round | "
+            f"warm: floor {floor_l:.1f} s + {per_l:.2f} s/round"
+        )
         for rounds, tf, tp in zip(lengths, flower_t, fresh_t, strict=True):
             gap = tf - tp
-            print(f"{rounds:>3d} rounds: gap to the fresh-process loop {gap:.1f} s = floor {floor_f - floor_p:.1f} s "
-                  f"({100 * (floor_f - floor_p) / gap:.0f}%) + per-round {(per_f - per_p) * rounds:.1f} s "
-                  f"({100 * (per_f - per_p) * rounds / gap:.0f}%)")
-        print(f"per-round ratio flower / plain loop: {per_f / per_p:.2f}x (fresh process), "
-              f"{per_f / per_l:.2f}x (warm)")
+            print(
+                f"{rounds:>3d} rounds: gap to the fresh-process loop {gap:.1f} s = floor {floor_f - floor_p:.1f} s "
+                f"({100 * (floor_f - floor_p) / gap:.0f}%) + per-round {(per_f - per_p) * rounds:.1f} s "
+                f"({100 * (per_f - per_p) * rounds / gap:.0f}%)"
+            )
+        print(f"per-round ratio flower / plain loop: {per_f / per_p:.2f}x (fresh process), {per_f / per_l:.2f}x (warm)")
 
 
 if __name__ == "__main__":

@@ -123,15 +123,26 @@ def run_inprocess(cfg: RunConfig, num_clients: int, keep_node_state: bool = Fals
         run.record(step, gm=gm, pm=pm, train=train)
         run.checkpoint(index, step)
         if step.phase != "zero-shot":
-            history.append({"round": step.round, "phase": step.phase, "gm_all": gm and gm["all"],
-                            "gm_few": gm and gm["few"], "pm_all": pm and pm["all"],
-                            "conflict": (train or {}).get("conflict-rate")})
+            history.append(
+                {
+                    "round": step.round,
+                    "phase": step.phase,
+                    "gm_all": gm and gm["all"],
+                    "gm_few": gm and gm["few"],
+                    "pm_all": pm and pm["all"],
+                    "conflict": (train or {}).get("conflict-rate"),
+                }
+            )
     run.finish()
     if not keep_node_state:  # the nodes' state folders of this run (in the cache folder)
         shutil.rmtree(Path(node_state_dir(cfg, nodes[0], run.tag)).parent, ignore_errors=True)
     return {
-        "results": run.recorder.data, "run_dir": str(run.run_dir), "history": history,
-        "setup_s": setup_s, "total_s": time.perf_counter() - t0, "timings": timings,
+        "results": run.recorder.data,
+        "run_dir": str(run.run_dir),
+        "history": history,
+        "setup_s": setup_s,
+        "total_s": time.perf_counter() - t0,
+        "timings": timings,
     }
 
 
@@ -172,8 +183,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=20, help="number of clients (NUM_SUPERNODES of the app)")
     parser.add_argument("--set", action="append", default=[], help="run-config key=value (TOML value), repeatable")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads (1: as the app's Ray actors; 0: torch default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch.set_num_threads (1: as the app's Ray actors; 0: torch default)"
+    )
     parser.add_argument("--seeds", default="", help="comma-separated seeds to sweep (overrides seed)")
     parser.add_argument("--methods", default="", help="comma-separated methods to sweep (overrides method.name)")
     parser.add_argument("--history", action="store_true", help="also print the per-round history")
@@ -207,13 +219,17 @@ def main() -> None:
             results = out["results"]
             final = results["final"]
             record = {
-                "seed": cfg.seed, "method": cfg.method.name, "peft": cfg.peft.name, "clients": args.clients,
+                "seed": cfg.seed,
+                "method": cfg.method.name,
+                "peft": cfg.peft.name,
+                "clients": args.clients,
                 "zero_shot": {k: results["zero_shot"]["gm"][k] for k in keys},
                 "gm": {k: final["gm"][k] for k in keys} if "gm" in final else None,
                 "pm_all": final.get("pm", {}).get("all"),
                 "pm_global_all": final.get("pm", {}).get("global", {}).get("all"),
                 "gm_last10": {k: final["gm_last10"][k] for k in ("all", "few")} if "gm_last10" in final else None,
-                "total_s": round(out["total_s"], 1), "setup_s": round(out["setup_s"], 1),
+                "total_s": round(out["total_s"], 1),
+                "setup_s": round(out["setup_s"], 1),
                 "timings_s": {k: round(v, 1) for k, v in out["timings"].items()},
                 "results": str(Path(out["run_dir"]) / "results.json"),
             }

@@ -57,7 +57,12 @@ def _losses(model, x, y, z, opts):
     logits = model.global_logits(x).float()
     task_loss = F.cross_entropy(logits, y)
     align_loss = temperature_aligned_kl(
-        logits, z, aligned=True, tau_min=opts.tau_min, tau_max=opts.tau_max, tol=opts.tau_tol,
+        logits,
+        z,
+        aligned=True,
+        tau_min=opts.tau_min,
+        tau_max=opts.tau_max,
+        tol=opts.tau_tol,
         max_iter=opts.tau_max_iter,
     )
     return task_loss, align_loss
@@ -95,10 +100,17 @@ def solve_times(model, x, z, opts, repeats: int) -> dict:
             t = _timed(lambda p=points: [solve_temperature(both, target, points=p, **kw) for _ in range(20)]) / 20
             if r >= 3:
                 times[points].append(t)
-    gap = float((solve_temperature(both, target, points=1, **kw)
-                 - solve_temperature(both, target, points=k, **kw)).abs().max())
-    return {"rows": tuple(both.shape), "points": k, "bisection_ms": 1e3 * statistics.median(times[1]),
-            "probed_ms": 1e3 * statistics.median(times[k]), "max_gap": gap, "tol": opts.tau_tol}
+    gap = float(
+        (solve_temperature(both, target, points=1, **kw) - solve_temperature(both, target, points=k, **kw)).abs().max()
+    )
+    return {
+        "rows": tuple(both.shape),
+        "points": k,
+        "bisection_ms": 1e3 * statistics.median(times[1]),
+        "probed_ms": 1e3 * statistics.median(times[k]),
+        "max_gap": gap,
+        "tol": opts.tau_tol,
+    }
 
 
 def bench_variant(variant: str, batch: int, repeats: int, model_name: str | None = None) -> dict:
@@ -137,17 +149,27 @@ def bench_variant(variant: str, batch: int, repeats: int, model_name: str | None
         if a is not None and b is not None
     )
     identical = all(
-        torch.equal(a, b) for pair in ((gt2, gt1), (ga2, ga1)) for a, b in zip(*pair, strict=True)
+        torch.equal(a, b)
+        for pair in ((gt2, gt1), (ga2, ga1))
+        for a, b in zip(*pair, strict=True)
         if a is not None and b is not None
     )
     n_params = sum(p.numel() for p in params)
     med = statistics.median
     solve = solve_times(peft, x, z, base, repeats)
-    return {"solve": solve,
-        "variant": variant, "params": n_params, "inputs": tuple(x.shape),
-        "plain_ms": 1e3 * med(plain), "purified_ms": 1e3 * med(purified), "ratio": med(purified) / med(plain),
-        "two_ms": 1e3 * med(two), "batched_ms": 1e3 * med(one), "batched_ratio": med(one) / med(two),
-        "max_diff": diff, "identical": identical,
+    return {
+        "solve": solve,
+        "variant": variant,
+        "params": n_params,
+        "inputs": tuple(x.shape),
+        "plain_ms": 1e3 * med(plain),
+        "purified_ms": 1e3 * med(purified),
+        "ratio": med(purified) / med(plain),
+        "two_ms": 1e3 * med(two),
+        "batched_ms": 1e3 * med(one),
+        "batched_ratio": med(one) / med(two),
+        "max_diff": diff,
+        "identical": identical,
     }
 
 
@@ -161,21 +183,30 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = f"{args.model} (random initial weights)" if args.model else "the embedded tiny CLIP"
-    print(f"config: embedded default (mnist-animals, 20 classes), {model}, client 0 of 20, batch {args.batch}, "
-          f"threads {args.threads}, {args.repeats} interleaved repeats, medians")
+    print(
+        f"config: embedded default (mnist-animals, 20 classes), {model}, client 0 of 20, batch {args.batch}, "
+        f"threads {args.threads}, {args.repeats} interleaved repeats, medians"
+    )
     for variant in args.variants.split(","):
         r = bench_variant(variant, args.batch, args.repeats, args.model)
-        print(f"{r['variant']:8s} phi_g {r['params']:>6d} params, inputs {r['inputs']}: "
-              f"plain step {r['plain_ms']:.2f} ms | purified step {r['purified_ms']:.2f} ms | "
-              f"ratio {r['ratio']:.2f}x (target <= 1.5x)")
-        print(f"{'':8s} gradients: two autograd.grad calls {r['two_ms']:.2f} ms | one batched "
-              f"(is_grads_batched) {r['batched_ms']:.2f} ms | batched/two {r['batched_ratio']:.2f}x | "
-              f"max |diff| {r['max_diff']:.2e} (bitwise identical: {r['identical']})")
+        print(
+            f"{r['variant']:8s} phi_g {r['params']:>6d} params, inputs {r['inputs']}: "
+            f"plain step {r['plain_ms']:.2f} ms | purified step {r['purified_ms']:.2f} ms | "
+            f"ratio {r['ratio']:.2f}x (target <= 1.5x)"
+        )
+        print(
+            f"{'':8s} gradients: two autograd.grad calls {r['two_ms']:.2f} ms | one batched "
+            f"(is_grads_batched) {r['batched_ms']:.2f} ms | batched/two {r['batched_ratio']:.2f}x | "
+            f"max |diff| {r['max_diff']:.2e} (bitwise identical: {r['identical']})"
+        )
         sv = r["solve"]
-        print(f"{'':8s} TKL temperature solve of the batch's stacked f and z {sv['rows']}: bisection "
-              f"{sv['bisection_ms']:.3f} ms | {sv['points']} probes per round {sv['probed_ms']:.3f} ms | "
-              f"bisection/probed {sv['bisection_ms'] / sv['probed_ms']:.2f}x | max |tau difference| "
-              f"{sv['max_gap']:.1e} (tol {sv['tol']:g})", flush=True)
+        print(
+            f"{'':8s} TKL temperature solve of the batch's stacked f and z {sv['rows']}: bisection "
+            f"{sv['bisection_ms']:.3f} ms | {sv['points']} probes per round {sv['probed_ms']:.3f} ms | "
+            f"bisection/probed {sv['bisection_ms'] / sv['probed_ms']:.2f}x | max |tau difference| "
+            f"{sv['max_gap']:.1e} (tol {sv['tol']:g})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,9 @@ class FakeGrid:
 
 
 def reply(phi: dict, n: int, partition_id: int, request: Message) -> Message:
-    metrics = MetricRecord({"num-examples": n, "partition-id": partition_id, "conflict-rate": 0.5,
-                            "mean-cosine": 0.1, "task-loss": 1.0})
+    metrics = MetricRecord(
+        {"num-examples": n, "partition-id": partition_id, "conflict-rate": 0.5, "mean-cosine": 0.1, "task-loss": 1.0}
+    )
     return Message(RecordDict({"arrays": ArrayRecord(phi), "metrics": metrics}), reply_to=request)
 
 
@@ -88,8 +89,9 @@ def server(clients: list[int], sampled: int, rounds: int) -> None:
     setups = {}
     for n in clients:
         grid = FakeGrid(range(NODE_ID_BASE, NODE_ID_BASE + n))
-        strategy = FedPuReLStrategy(shapes, fraction_train=sampled / n, all_clients_first_round=False,
-                                    min_available_nodes=n)
+        strategy = FedPuReLStrategy(
+            shapes, fraction_train=sampled / n, all_clients_first_round=False, min_available_nodes=n
+        )
         setups[n] = (strategy, grid)
     times = {n: ([], []) for n in clients}
     peaks = {}
@@ -104,8 +106,10 @@ def server(clients: list[int], sampled: int, rounds: int) -> None:
         server_round(strategy, grid, rounds + 2, arrays, shapes, rng)
         peaks[n] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    print(f"server: FedPuReLStrategy, phi_g of the default prompt ({sum(v.numel() for v in phi_g.values())} "
-          f"float32), {sampled} sampled per round, {rounds} rounds per N interleaved, medians")
+    print(
+        f"server: FedPuReLStrategy, phi_g of the default prompt ({sum(v.numel() for v in phi_g.values())} "
+        f"float32), {sampled} sampled per round, {rounds} rounds per N interleaved, medians"
+    )
     for n in clients:
         strategy, grid = setups[n]
         assert len(strategy.last_sampled) == sampled
@@ -113,10 +117,12 @@ def server(clients: list[int], sampled: int, rounds: int) -> None:
         start = time.perf_counter()
         everyone = strategy.configure_personalize(arrays, Instruction(rounds + 2), grid)
         t_all = time.perf_counter() - start
-        print(f"  N={n:>5d}: sampling + {sampled} train messages {1e3 * c:.2f} ms | aggregation of {sampled} "
-              f"replies {1e3 * a:.2f} ms | round total {1e3 * (c + a):.2f} ms | tracemalloc peak "
-              f"{peaks[n] / 1024:.0f} KiB | messages to all {len(everyone)} nodes (personalize/evaluate) "
-              f"{1e3 * t_all:.1f} ms")
+        print(
+            f"  N={n:>5d}: sampling + {sampled} train messages {1e3 * c:.2f} ms | aggregation of {sampled} "
+            f"replies {1e3 * a:.2f} ms | round total {1e3 * (c + a):.2f} ms | tracemalloc peak "
+            f"{peaks[n] / 1024:.0f} KiB | messages to all {len(everyone)} nodes (personalize/evaluate) "
+            f"{1e3 * t_all:.1f} ms"
+        )
     base = clients[0]
     for n in clients[1:]:
         r0 = statistics.median(times[base][0]) + statistics.median(times[base][1])
@@ -148,8 +154,15 @@ def client(sizes: list[int], repeats: int) -> None:
             sub = FeatureSet(data.features[:n], data.labels[:n], data.zero_shot_logits[:n])
             peft.load_global_state(start_state)
             start = time.perf_counter()
-            train_global(peft, sub, options, cfg.train.local_epochs, cfg.train.batch_size,
-                         seeded_generator(cfg.seed, 1, 2, k), objective)
+            train_global(
+                peft,
+                sub,
+                options,
+                cfg.train.local_epochs,
+                cfg.train.batch_size,
+                seeded_generator(cfg.seed, 1, 2, k),
+                objective,
+            )
             if r:
                 times[n].append(time.perf_counter() - start)
     out["times"] = {n: statistics.median(ts) for n, ts in times.items()}
@@ -179,19 +192,35 @@ def main() -> None:
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # no per-round INFO lines to the terminal
     server([int(n) for n in args.clients.split(",")], args.sampled, args.rounds)
-    proc = subprocess.run([sys.executable, __file__, "--client-only", "--client-sizes", args.client_sizes,
-                           "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--client-only",
+            "--client-sizes",
+            args.client_sizes,
+            "--repeats",
+            str(args.repeats),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     cfg_note = "default config (prompt, tkl, 2 local epochs, batch 16)"
-    print(f"client: one Stage-1 round, {cfg_note}, largest client of the 20-client split "
-          f"(partition {out['client']}, {out['n']} images) cut to n_k images, {args.repeats} repeats, medians")
+    print(
+        f"client: one Stage-1 round, {cfg_note}, largest client of the 20-client split "
+        f"(partition {out['client']}, {out['n']} images) cut to n_k images, {args.repeats} repeats, medians"
+    )
     times = {int(n): t for n, t in out["times"].items()}
     print("  " + " | ".join(f"n_k={n}: {1e3 * t:.0f} ms" for n, t in times.items()))
     ns = sorted(times)
     per = (times[ns[-1]] - times[ns[0]]) / (ns[-1] - ns[0])
-    print(f"  ~{1e3 * per:.1f} ms per training image per round (2 epochs), independent of the number of "
-          f"clients N; max RSS of the client process {out['rss_mib']:.0f} MiB "
-          f"({out['rss_setup_mib']:.0f} MiB after loading the model and its features)")
+    print(
+        f"  ~{1e3 * per:.1f} ms per training image per round (2 epochs), independent of the number of "
+        f"clients N; max RSS of the client process {out['rss_mib']:.0f} MiB "
+        f"({out['rss_setup_mib']:.0f} MiB after loading the model and its features)"
+    )
 
 
 if __name__ == "__main__":

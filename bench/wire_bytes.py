@@ -71,8 +71,9 @@ def raw_bytes(state: dict) -> int:
 
 
 def server_message(phi_g: dict, message_type: str, server_round: int) -> Message:
-    content = RecordDict({protocol.ARRAYS: ArrayRecord(phi_g),
-                          protocol.CONFIG: ConfigRecord(Instruction(server_round).to_config())})
+    content = RecordDict(
+        {protocol.ARRAYS: ArrayRecord(phi_g), protocol.CONFIG: ConfigRecord(Instruction(server_round).to_config())}
+    )
     return Message(content, dst_node_id=100, message_type=message_type)
 
 
@@ -92,7 +93,9 @@ PAPER_PHI_G = {
     "adapter": {"fc1.weight": (512, 512), "fc1.bias": (512,), "fc2.weight": (512, 512), "fc2.bias": (512,)},
     "lora": {
         f"blocks.{b}.attn.{m}.lora_{ab}.weight": ((8, 768) if ab == "A" else (768, 8))
-        for b in range(12) for m in ("q_proj", "k_proj", "v_proj") for ab in ("A", "B")
+        for b in range(12)
+        for m in ("q_proj", "k_proj", "v_proj")
+        for ab in ("A", "B")
     },
 }
 
@@ -102,8 +105,7 @@ def paper_size_uplink(train_reply: Message, variant: str) -> tuple[int, int]:
     g = torch.Generator().manual_seed(0)
     phi_g = {k: torch.randn(shape, generator=g) for k, shape in PAPER_PHI_G[variant].items()}
     metrics = train_reply.content[protocol.METRICS]
-    reply = Message(RecordDict({protocol.ARRAYS: ArrayRecord(phi_g), protocol.METRICS: metrics}),
-                    reply_to=train_reply)
+    reply = Message(RecordDict({protocol.ARRAYS: ArrayRecord(phi_g), protocol.METRICS: metrics}), reply_to=train_reply)
     return raw_bytes(phi_g), object_bytes(reply)[0]
 
 
@@ -114,13 +116,20 @@ def main() -> None:
     torch.set_num_threads(1)
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         setattr(TaskIdentity, name, value)
-    print(f"config: embedded default with {RUN}, client 0 of 4; flwr serialisation: deflated objects "
-          "(what 1.41 pushes) and message_to_proto")
+    print(
+        f"config: embedded default with {RUN}, client 0 of 4; flwr serialisation: deflated objects "
+        "(what 1.41 pushes) and message_to_proto"
+    )
     for variant in args.variants.split(","):
         run = {**RUN, "peft.name": variant}
         phi_g = model(run_cfg(run))[1].global_state()
-        context = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": 4},
-                          state=RecordDict(), run_config=run)
+        context = Context(
+            run_id=1,
+            node_id=100,
+            node_config={"partition-id": 0, "num-partitions": 4},
+            state=RecordDict(),
+            run_config=run,
+        )
         down = server_message(phi_g, MessageType.TRAIN, 2)
         personalize = client.personalize(server_message(phi_g, PERSONALIZE, 1), context)
         phi_k = context.state.array_records[client.ContextMemory.PREFIX + PHI_K].to_torch_state_dict()
@@ -130,25 +139,40 @@ def main() -> None:
             if reply.has_error():
                 raise SystemExit(f"the ClientApp replied with an error: {reply.error.reason}")
         raw = raw_bytes(phi_g)
-        print(f"{variant}: phi_g {raw} B raw ({sum(t.numel() for t in phi_g.values())} float32 in "
-              f"{len(phi_g)} tensors); phi_k {raw_bytes(phi_k)} B raw, stays on the client")
+        print(
+            f"{variant}: phi_g {raw} B raw ({sum(t.numel() for t in phi_g.values())} float32 in "
+            f"{len(phi_g)} tensors); phi_k {raw_bytes(phi_k)} B raw, stays on the client"
+        )
         n_down, _ = object_bytes(down)
-        print(f"  downlink train request     objects {n_down:>7d} B ({n_down / raw:.3f}x phi_g) | "
-              f"proto {len(proto_bytes(down)):>7d} B")
-        for label, reply in (("train reply (Stage 1)", train), ("personalize reply", personalize),
-                             ("evaluate reply", evaluate)):
+        print(
+            f"  downlink train request     objects {n_down:>7d} B ({n_down / raw:.3f}x phi_g) | "
+            f"proto {len(proto_bytes(down)):>7d} B"
+        )
+        for label, reply in (
+            ("train reply (Stage 1)", train),
+            ("personalize reply", personalize),
+            ("evaluate reply", evaluate),
+        ):
             n_obj, blob = object_bytes(reply)
             proto = proto_bytes(reply)
             hits = contains(blob + proto, phi_k)
             ratio = f"{n_obj / raw:.3f}x phi_g" if label.startswith("train") else "metrics only"
-            print(f"  {label:26s} objects {n_obj:>7d} B ({ratio}) | proto {len(proto):>7d} B "
-                  f"({len(proto) / raw:.3f}x) | phi_k bytes found: {hits}")
+            print(
+                f"  {label:26s} objects {n_obj:>7d} B ({ratio}) | proto {len(proto):>7d} B "
+                f"({len(proto) / raw:.3f}x) | phi_k bytes found: {hits}"
+            )
         n_train, _ = object_bytes(train)
-        print(f"  => Stage-1 uplink per client per round: {n_train} B = {n_train / raw:.3f}x phi_g "
-              f"(target <= 1.05x), overhead {n_train - raw} B; phi_k on the wire: 0 B", flush=True)
+        print(
+            f"  => Stage-1 uplink per client per round: {n_train} B = {n_train / raw:.3f}x phi_g "
+            f"(target <= 1.05x), overhead {n_train - raw} B; phi_k on the wire: 0 B",
+            flush=True,
+        )
         paper_raw, paper_obj = paper_size_uplink(train, variant)
-        print(f"  => same reply with phi_g of CLIP ViT-B/16's shapes ({paper_raw} B raw): {paper_obj} B = "
-              f"{paper_obj / paper_raw:.4f}x phi_g, overhead {paper_obj - paper_raw} B", flush=True)
+        print(
+            f"  => same reply with phi_g of CLIP ViT-B/16's shapes ({paper_raw} B raw): {paper_obj} B = "
+            f"{paper_obj / paper_raw:.4f}x phi_g, overhead {paper_obj - paper_raw} B",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -87,8 +87,9 @@ def message_start_cost() -> tuple[float, float, float, float]:
     """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _START], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _START], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"the ClientApp import failed:\n{proc.stderr[-3000:]}")

@@ -55,8 +55,13 @@ def _digest(state: dict[str, Any]) -> str:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, round_: int, phase: str, phi_g: dict[str, torch.Tensor],
-    config_key: dict[str, str], results: dict[str, Any],
+    run_dir: Path,
+    step: int,
+    round_: int,
+    phase: str,
+    phi_g: dict[str, torch.Tensor],
+    config_key: dict[str, str],
+    results: dict[str, Any],
 ) -> Path:
     """Write the state after step ``step`` (round ``round_``) atomically; returns the folder.
 

@@ -102,7 +102,10 @@ class Client:
             return None
         node = self.node
         key = fingerprint(
-            self.cfg, "state", partition_id=node.partition_id, num_partitions=node.num_partitions,
+            self.cfg,
+            "state",
+            partition_id=node.partition_id,
+            num_partitions=node.num_partitions,
             data_dir=node.data_dir,
         )
         return NodeStateStore(folder, key)
@@ -159,8 +162,12 @@ class Client:
         """
         node = self.node
         key = fingerprint(
-            self.cfg, "features", inputs=self.kind, partition_id=node.partition_id,
-            num_partitions=node.num_partitions, data_dir=node.data_dir,
+            self.cfg,
+            "features",
+            inputs=self.kind,
+            partition_id=node.partition_id,
+            num_partitions=node.num_partitions,
+            data_dir=node.data_dir,
         )["key"]
         name = FEATURES + key
         kept = self.memory.get(name)
@@ -169,18 +176,24 @@ class Client:
             if self.kind == "features":
                 inputs = (kept["train.features"], kept["test.features"])
             else:
-                inputs = (variant_inputs(self.clip, self.kind, self.data.train),
-                          variant_inputs(self.clip, self.kind, self.data.test))
+                inputs = (
+                    variant_inputs(self.clip, self.kind, self.data.train),
+                    variant_inputs(self.clip, self.kind, self.data.test),
+                )
             return tuple(  # type: ignore[return-value]
-                FeatureSet(x.to(device), kept[f"{split}.labels"].to(device), kept[f"{split}.zero_shot_logits"].to(device))
+                FeatureSet(
+                    x.to(device), kept[f"{split}.labels"].to(device), kept[f"{split}.zero_shot_logits"].to(device)
+                )
                 for split, x in zip(("train", "test"), inputs, strict=True)
             )
         train, test = client_feature_sets(self.clip, self.kind, self.data, self._cache_dir())
         fields = ("labels", "zero_shot_logits") + (("features",) if self.kind == "features" else ())
         for old in [n for n in self.memory.names() if n.startswith(FEATURES)]:
             self.memory.drop(old)
-        self.memory.put(name, {f"{split}.{f}": getattr(s, f).cpu() for split, s in (("train", train), ("test", test))
-                               for f in fields})
+        self.memory.put(
+            name,
+            {f"{split}.{f}": getattr(s, f).cpu() for split, s in (("train", train), ("test", test)) for f in fields},
+        )
         return train, test
 
     def _cache_dir(self) -> str | None:
@@ -215,8 +228,13 @@ class Client:
         cfg = self.cfg
         peft, method = self.model(phi_g)
         stats = train_global(
-            peft, self.train_set, method.stage1_options(self.precision), cfg.train.local_epochs,
-            cfg.train.batch_size, self._generator(1), method,
+            peft,
+            self.train_set,
+            method.stage1_options(self.precision),
+            cfg.train.local_epochs,
+            cfg.train.batch_size,
+            self._generator(1),
+            method,
         )
         self._keep(peft, method, phi_k=method.stage1_trains_private)
         return peft.global_state(), TrainReply(len(self.train_set), self.node.partition_id, stats.means())
@@ -248,7 +266,8 @@ class Client:
         zs = test.zero_shot_logits.argmax(dim=-1).cpu().numpy()
         rows = [class_counts(p, labels, num_classes) for p in (pm, gm, zs)]
         return Evaluation(
-            personalized, *(tuple(int(v) for v in correct) for correct, _ in rows),
+            personalized,
+            *(tuple(int(v) for v in correct) for correct, _ in rows),
             tuple(int(v) for v in rows[0][1]),
         )
 

@@ -113,7 +113,9 @@ class DataConfig(Section):
         "'imagenet-lt' | 'places-lt' from data.root",
     )
     root: str = knob("", "folder of on-disk datasets (unused by the embedded ones)")
-    n_max: int = knob(150, "long-tailed train count of class 0; 0 = the train pool as it is (ImageNet-LT, Places-LT)", ge=0)
+    n_max: int = knob(
+        150, "long-tailed train count of class 0; 0 = the train pool as it is (ImageNet-LT, Places-LT)", ge=0
+    )
     imbalance_factor: float = knob(100.0, "IF = n_max / n_min", ge=1.0)
     dirichlet_alpha: float = knob(1.0, "per-class Dirichlet concentration of the client split", gt=0.0)
     min_client_samples: int = knob(4, "every client gets at least this many train samples", ge=1)
@@ -142,10 +144,13 @@ class ModelConfig(Section):
 
     name: str = knob("fedpurel-tiny", "an open_clip architecture name", min_length=1)
     pretrained: str = knob(
-        "embedded", "'embedded' (tiny CLIP pretrained here), a checkpoint file or folder, or an open_clip tag",
+        "embedded",
+        "'embedded' (tiny CLIP pretrained here), a checkpoint file or folder, or an open_clip tag",
         min_length=1,
     )
-    cache_dir: str = knob("", "checkpoint and feature cache; '' = $FEDPUREL_CACHE or ~/.cache/fedpurel", role="training")
+    cache_dir: str = knob(
+        "", "checkpoint and feature cache; '' = $FEDPUREL_CACHE or ~/.cache/fedpurel", role="training"
+    )
     feature_cache: bool = knob(
         True, "keep frozen image features on disk (prompt, adapter); reused across runs", role="training"
     )
@@ -153,7 +158,8 @@ class ModelConfig(Section):
         "auto", "'auto' (cuda when present) | 'cpu' | 'cuda[:N]'", role="training", pattern=r"^(auto|cpu|cuda(:\d+)?)$"
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = knob(
-        "auto", "autocast of forward passes: 'auto' (bf16/fp16 on GPU, fp32 on CPU) | 'fp32' | 'bf16' | 'fp16'",
+        "auto",
+        "autocast of forward passes: 'auto' (bf16/fp16 on GPU, fp32 on CPU) | 'fp32' | 'bf16' | 'fp16'",
         role="training",
     )
 
@@ -167,7 +173,9 @@ class TrainConfig(Section):
     momentum: float = knob(0.9, "SGD momentum of Stage 1", role="training", ge=0.0, lt=1.0)
     weight_decay: float = knob(0.0005, "SGD weight decay of Stage 1", role="training", ge=0.0)
     fraction: float = knob(0.4, "fraction of clients sampled per round", role="training", gt=0.0, le=1.0)
-    all_clients_first_round: bool = knob(True, "sample every client in round 1 (as the reference does)", role="training")
+    all_clients_first_round: bool = knob(
+        True, "sample every client in round 1 (as the reference does)", role="training"
+    )
     min_nodes: int = knob(2, "wait for this many connected clients before round 1", role="training", ge=1)
 
 
@@ -196,15 +204,19 @@ class TklConfig(Section):
 class DpConfig(Section):
     """Client-level differential privacy of the Stage-1 updates (docs/METHOD.md "Privacy")."""
 
-    enabled: bool = knob(False, "clip every Stage-1 update to clipping-norm, add Gaussian noise at aggregation",
-                         role="training")
-    noise_multiplier: float = knob(1.0, "z: noise std z * C / (sampled clients) on the mean update", role="training",
-                                   ge=0.0)
+    enabled: bool = knob(
+        False, "clip every Stage-1 update to clipping-norm, add Gaussian noise at aggregation", role="training"
+    )
+    noise_multiplier: float = knob(
+        1.0, "z: noise std z * C / (sampled clients) on the mean update", role="training", ge=0.0
+    )
     clipping_norm: float = knob(0.1, "C: L2 norm bound of a client's update of phi_g", role="training", gt=0.0)
     delta: float = knob(0.0001, "delta of the (epsilon, delta) reported", role="training", gt=0.0, lt=1.0)
     target_epsilon: float = knob(
-        0.0, "> 0: the noise multiplier is the smallest reaching this epsilon after train.rounds (overrides it)",
-        role="training", ge=0.0,
+        0.0,
+        "> 0: the noise multiplier is the smallest reaching this epsilon after train.rounds (overrides it)",
+        role="training",
+        ge=0.0,
     )
 
     @model_validator(mode="after")
@@ -253,7 +265,9 @@ class RunConfig(Section):
     seed: int = knob(0, "experiment seed: the Fed-LT split, sampling, local shuffles, PEFT init", ge=0)
     eval_every: int = knob(1, "evaluate every this many rounds (and always the last)", role="training", ge=1)
     output_dir: str = knob(
-        "outputs", "one folder per run below it; relative paths are under the app folder", role="operational",
+        "outputs",
+        "one folder per run below it; relative paths are under the app folder",
+        role="operational",
         min_length=1,
     )
     round_timeout: float = knob(3600.0, "seconds to wait for the replies of one round", role="operational", gt=0.0)
@@ -306,9 +320,7 @@ def run_config_model() -> type[RunConfig]:
     model = _MODEL_CACHE.get(key)
     if model is None:
         peft, method = _component_section("peft", PEFT_VARIANTS), _component_section("method", METHODS)
-        model = create_model(
-            "RunConfig", __base__=RunConfig, peft=(peft, peft()), method=(method, method())
-        )
+        model = create_model("RunConfig", __base__=RunConfig, peft=(peft, peft()), method=(method, method()))
         _MODEL_CACHE.clear()
         _MODEL_CACHE[key] = model
     return model
@@ -436,7 +448,11 @@ def fingerprint_diff(theirs: str, ours: str) -> list[str]:
         a, b = json.loads(theirs), json.loads(ours)
     except ValueError:
         return []
-    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
 
 
 # ------------------------------------------------------------------------------------- parsing

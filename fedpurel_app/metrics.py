@@ -24,7 +24,8 @@ plain Python floats/lists (``None`` where undefined) so they are JSON-safe.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ def _as_1d_int(x: Any, name: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def _opt_float(x: Any) -> Optional[float]:
+def _opt_float(x: Any) -> float | None:
     """Python float, or None for NaN / missing."""
     if x is None:
         return None
@@ -79,9 +80,7 @@ def per_class_accuracy(preds: Any, labels: Any, num_classes: int) -> np.ndarray:
     return _accuracy(*class_counts(preds, labels, num_classes))
 
 
-def class_groups(
-    train_counts: Any, many_threshold: float = 100, few_threshold: float = 20
-) -> dict[str, np.ndarray]:
+def class_groups(train_counts: Any, many_threshold: float = 100, few_threshold: float = 20) -> dict[str, np.ndarray]:
     """Split classes into Many / Medium / Few by their global train count.
 
     ``many``: ``n > many_threshold``; ``medium``:
@@ -91,9 +90,7 @@ def class_groups(
         ``{"many", "medium", "few"}`` -> sorted int64 arrays of class indices.
     """
     if few_threshold > many_threshold:
-        raise ValueError(
-            f"few_threshold ({few_threshold}) must not exceed many_threshold ({many_threshold})"
-        )
+        raise ValueError(f"few_threshold ({few_threshold}) must not exceed many_threshold ({many_threshold})")
     counts = np.asarray(train_counts, dtype=np.float64).reshape(-1)
     return {
         "many": np.flatnonzero(counts > many_threshold),
@@ -159,7 +156,7 @@ def pm_summary(
     num_classes = int(np.asarray(train_counts).reshape(-1).shape[0])
     pooled_correct = np.zeros(num_classes, dtype=np.int64)
     pooled_total = np.zeros(num_classes, dtype=np.int64)
-    per_client: list[Optional[float]] = []
+    per_client: list[float | None] = []
     for correct, total in clients:
         correct, total = np.asarray(correct, dtype=np.int64), np.asarray(total, dtype=np.int64)
         if correct.shape != (num_classes,) or total.shape != (num_classes,):

@@ -117,8 +117,14 @@ def standard_plan(
     for r in range(1, global_rounds + 1):
         evaluate = due(r, global_rounds, eval_every)
         steps.append(
-            Step(r, "global", train=True, personalize="sampled" if interleaved else "", gm=evaluate,
-                 pm=evaluate and interleaved)
+            Step(
+                r,
+                "global",
+                train=True,
+                personalize="sampled" if interleaved else "",
+                gm=evaluate,
+                pm=evaluate and interleaved,
+            )
         )
     for k in range(1, personal_rounds + 1):
         steps.append(Step(global_rounds + k, "personal", personalize="all", pm=due(k, personal_rounds, eval_every)))

@@ -116,16 +116,22 @@ class PrivacyAccountant:
         gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier / 2.0)  # replace-one: sensitivity 2C
         # Equal releases composed at once (the RDP of an event is computed once per kind; same value).
         for (sampled, population), count in Counter(self.releases).items():
-            event = gaussian if sampled == population else dp_accounting.SampledWithoutReplacementDpEvent(
-                population, sampled, gaussian
+            event = (
+                gaussian
+                if sampled == population
+                else dp_accounting.SampledWithoutReplacementDpEvent(population, sampled, gaussian)
             )
             accountant.compose(event, count)
         return float(accountant.get_epsilon(self.delta))
 
     def report(self, clipping_norm: float) -> dict[str, float]:
         """The ``privacy.*`` entries of a round: epsilon, delta, noise multiplier, clipping norm."""
-        return {"epsilon": self.epsilon(), "delta": self.delta, "noise_multiplier": self.noise_multiplier,
-                "clipping_norm": clipping_norm}
+        return {
+            "epsilon": self.epsilon(),
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "clipping_norm": clipping_norm,
+        }
 
 
 def noise_for_epsilon(target: float, delta: float, population: int, sampled: Sequence[int]) -> float:

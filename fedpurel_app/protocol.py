@@ -124,8 +124,11 @@ class Instruction:
         if not isinstance(run, str):
             raise ProtocolError(f"'run' is {run!r}, expected a string")
         return cls(
-            _int(config, "server-round"), run, None if counts is None else tuple(counts),
-            bool(config.get("evaluate", False)), clipping,
+            _int(config, "server-round"),
+            run,
+            None if counts is None else tuple(counts),
+            bool(config.get("evaluate", False)),
+            clipping,
         )
 
 
@@ -217,8 +220,10 @@ class EvaluateReply:
 
     def to_metrics(self) -> dict[str, Any]:
         return {
-            "num-examples": self.evaluation.num_examples, "partition-id": self.partition_id,
-            "restored": int(self.restored), **self.evaluation.to_metrics(),
+            "num-examples": self.evaluation.num_examples,
+            "partition-id": self.partition_id,
+            "restored": int(self.restored),
+            **self.evaluation.to_metrics(),
         }
 
     @classmethod
@@ -243,8 +248,10 @@ class PersonalizeReply:
 
     def to_metrics(self) -> dict[str, Any]:
         metrics = {
-            "num-examples": self.num_examples, "partition-id": self.partition_id,
-            "personal-loss": self.loss, "restored": int(self.restored),
+            "num-examples": self.num_examples,
+            "partition-id": self.partition_id,
+            "personal-loss": self.loss,
+            "restored": int(self.restored),
         }
         if self.evaluation is not None:
             metrics.update(self.evaluation.to_metrics())
@@ -256,8 +263,11 @@ class PersonalizeReply:
         _only(metrics, keys | ({"personalized", *Evaluation.KEYS} if evaluated else set()))
         evaluation = Evaluation.read(metrics, num_classes) if evaluated else None
         return cls(
-            _int(metrics, "num-examples", 1), _int(metrics, "partition-id"), _number(metrics, "personal-loss"),
-            bool(_int(metrics, "restored", 0, 1)), evaluation,
+            _int(metrics, "num-examples", 1),
+            _int(metrics, "partition-id"),
+            _number(metrics, "personal-loss"),
+            bool(_int(metrics, "restored", 0, 1)),
+            evaluation,
         )
 
 

@@ -22,8 +22,8 @@ and each purified gradient is returned in the dtype of its task gradient.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -65,8 +65,8 @@ def _acc_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def _pairs(
-    task_grads: Sequence[Optional[Tensor]],
-    align_grads: Sequence[Optional[Tensor]],
+    task_grads: Sequence[Tensor | None],
+    align_grads: Sequence[Tensor | None],
 ) -> list[tuple[Tensor, Tensor, bool]]:
     """Validate inputs and fill ``None`` with zeros.
 
@@ -74,11 +74,10 @@ def _pairs(
     """
     if len(task_grads) != len(align_grads):
         raise ValueError(
-            f"task_grads and align_grads must have the same length, got "
-            f"{len(task_grads)} and {len(align_grads)}"
+            f"task_grads and align_grads must have the same length, got {len(task_grads)} and {len(align_grads)}"
         )
     out: list[tuple[Tensor, Tensor, bool]] = []
-    for i, (gt, ga) in enumerate(zip(task_grads, align_grads)):
+    for i, (gt, ga) in enumerate(zip(task_grads, align_grads, strict=True)):
         if gt is None and ga is None:
             raise ValueError(f"task and align gradients are both None at index {i}")
         if gt is None:
@@ -88,19 +87,14 @@ def _pairs(
         if ga is None:
             ga = torch.zeros_like(gt)
         if gt.shape != ga.shape:
-            raise ValueError(
-                f"gradient shapes differ at index {i}: task {tuple(gt.shape)} "
-                f"vs align {tuple(ga.shape)}"
-            )
+            raise ValueError(f"gradient shapes differ at index {i}: task {tuple(gt.shape)} vs align {tuple(ga.shape)}")
         out.append((gt, ga, False))
     return out
 
 
 def _check_granularity(granularity: str) -> None:
     if granularity not in GRANULARITIES:
-        raise ValueError(
-            f"unknown granularity {granularity!r}; accepted values: {', '.join(map(repr, GRANULARITIES))}"
-        )
+        raise ValueError(f"unknown granularity {granularity!r}; accepted values: {', '.join(map(repr, GRANULARITIES))}")
 
 
 def _gram(both: Tensor, acc: torch.dtype, on_cpu: bool) -> Tensor:
@@ -152,14 +146,14 @@ def _purify_stacked(
         # On the CPU reading the conflict flags and coefficients costs nothing (no
         # device to wait for): a tensor that does not conflict is returned as it
         # is (a view of its stack, never modified), one that does costs one pass.
-        for flag, c, g, out_dtype in zip(conflict.tolist(), coef.tolist(), stacked, out_dtypes):
+        for flag, c, g, out_dtype in zip(conflict.tolist(), coef.tolist(), stacked, out_dtypes, strict=True):
             g = g.detach()
             if flag:
                 purified.append(g[0].to(acc).add(g[1].to(acc), alpha=-c).to(out_dtype))
             else:
                 purified.append(g[0].to(out_dtype))
     else:
-        for i, (g, out_dtype) in enumerate(zip(stacked, out_dtypes)):
+        for i, (g, out_dtype) in enumerate(zip(stacked, out_dtypes, strict=True)):
             g = g.detach()
             projected = (g[0].to(acc) - coef[i].to(g.device) * g[1].to(acc)).to(out_dtype)
             purified.append(torch.where(conflict[i].to(g.device), projected, g[0].to(out_dtype)))
@@ -169,11 +163,11 @@ def _purify_stacked(
 
 
 def _purify(
-    task_grads: Sequence[Optional[Tensor]],
-    align_grads: Sequence[Optional[Tensor]],
+    task_grads: Sequence[Tensor | None],
+    align_grads: Sequence[Tensor | None],
     granularity: str,
     eps: float,
-) -> tuple[list[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+) -> tuple[list[Tensor], Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """:func:`_purify_stacked` of two lists (``None`` statistics for empty input)."""
     _check_granularity(granularity)
     pairs = _pairs(task_grads, align_grads)
@@ -190,9 +184,7 @@ def _purify(
     return _purify_stacked(stacked, out_dtypes, granularity, eps)
 
 
-def _stats(
-    conflicts: Tensor, dot: Tensor, tsq: Tensor, asq: Tensor, on_device: bool
-) -> PurificationStats:
+def _stats(conflicts: Tensor, dot: Tensor, tsq: Tensor, asq: Tensor, on_device: bool) -> PurificationStats:
     conflict = conflicts.to(torch.float64).mean()
     # A zero or non-finite norm or dot gives 0/0, x/inf or inf/inf: NaN or 0, reported as 0.
     cosine = (dot / (tsq.sqrt() * asq.sqrt())).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).clamp(-1.0, 1.0)
@@ -225,8 +217,8 @@ def purify_stacked_with_stats(
 
 
 def purify_gradients_with_stats(
-    task_grads: Sequence[Optional[Tensor]],
-    align_grads: Sequence[Optional[Tensor]],
+    task_grads: Sequence[Tensor | None],
+    align_grads: Sequence[Tensor | None],
     granularity: str = "tensor",
     eps: float = 1e-12,
     on_device: bool = False,
@@ -251,8 +243,8 @@ def purify_gradients_with_stats(
 
 
 def purify_gradients(
-    task_grads: Sequence[Optional[Tensor]],
-    align_grads: Sequence[Optional[Tensor]],
+    task_grads: Sequence[Tensor | None],
+    align_grads: Sequence[Tensor | None],
     granularity: str = "tensor",
     eps: float = 1e-12,
 ) -> list[Tensor]:

@@ -118,29 +118,38 @@ class Registry(Generic[T]):
 
 
 # The built-in parts: name -> the module that registers it. A new part is its module plus one line here.
-PEFT_VARIANTS: Registry[Any] = Registry("PEFT variant", {
-    "prompt": "fedpurel_app.peft.prompt",
-    "adapter": "fedpurel_app.peft.adapter",
-    "lora": "fedpurel_app.peft.lora",
-})
-METHODS: Registry[Any] = Registry("method", {
-    "zero-shot": "fedpurel_app.methods.promptfl",
-    "promptfl": "fedpurel_app.methods.promptfl",
-    "promptfl-la": "fedpurel_app.methods.logit_adjustment",
-    "fedpurel-kl": "fedpurel_app.methods.fedpurel",
-    "fedpurel": "fedpurel_app.methods.fedpurel",
-    "pft": "fedpurel_app.methods.finetune",
-    "lp-ft": "fedpurel_app.methods.finetune",
-    "promptfolio": "fedpurel_app.methods.promptfolio",
-    "fed-grab": "fedpurel_app.methods.fedgrab",
-})
-DATASETS: Registry[Any] = Registry("dataset", {
-    "mnist": "fedpurel_app.data.embedded",
-    "mnist-animals": "fedpurel_app.data.embedded",
-    "cifar10-lt": "fedpurel_app.data.cifar",
-    "cifar100-lt": "fedpurel_app.data.cifar",
-    "imagenet-lt": "fedpurel_app.data.folder",
-    "places-lt": "fedpurel_app.data.folder",
-})
+PEFT_VARIANTS: Registry[Any] = Registry(
+    "PEFT variant",
+    {
+        "prompt": "fedpurel_app.peft.prompt",
+        "adapter": "fedpurel_app.peft.adapter",
+        "lora": "fedpurel_app.peft.lora",
+    },
+)
+METHODS: Registry[Any] = Registry(
+    "method",
+    {
+        "zero-shot": "fedpurel_app.methods.promptfl",
+        "promptfl": "fedpurel_app.methods.promptfl",
+        "promptfl-la": "fedpurel_app.methods.logit_adjustment",
+        "fedpurel-kl": "fedpurel_app.methods.fedpurel",
+        "fedpurel": "fedpurel_app.methods.fedpurel",
+        "pft": "fedpurel_app.methods.finetune",
+        "lp-ft": "fedpurel_app.methods.finetune",
+        "promptfolio": "fedpurel_app.methods.promptfolio",
+        "fed-grab": "fedpurel_app.methods.fedgrab",
+    },
+)
+DATASETS: Registry[Any] = Registry(
+    "dataset",
+    {
+        "mnist": "fedpurel_app.data.embedded",
+        "mnist-animals": "fedpurel_app.data.embedded",
+        "cifar10-lt": "fedpurel_app.data.cifar",
+        "cifar100-lt": "fedpurel_app.data.cifar",
+        "imagenet-lt": "fedpurel_app.data.folder",
+        "places-lt": "fedpurel_app.data.folder",
+    },
+)
 
 __all__ = ["DATASETS", "METHODS", "PEFT_VARIANTS", "Entry", "Registry"]

@@ -45,9 +45,7 @@ def fuse_logits(global_logits: Tensor, private_logits: Tensor) -> Tensor:
     return global_logits + private_logits
 
 
-def residual_loss(
-    global_logits: Tensor, private_logits: Tensor, labels: Tensor, lam: float
-) -> Tensor:
+def residual_loss(global_logits: Tensor, private_logits: Tensor, labels: Tensor, lam: float) -> Tensor:
     """Stage-2 loss ``(1 - lam) * CE(l_G + l_P, y) + lam * CE(l_P, y)``.
 
     ``l_G`` is detached (phi_g frozen), so gradient reaches ``l_P`` only.
@@ -72,8 +70,7 @@ def residual_loss(
     _check_same_shape(global_logits, private_logits)
     if labels.shape != private_logits.shape[:-1]:
         raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match logits batch shape "
-            f"{tuple(private_logits.shape[:-1])}"
+            f"labels shape {tuple(labels.shape)} does not match logits batch shape {tuple(private_logits.shape[:-1])}"
         )
     dtype = private_logits.dtype if private_logits.dtype in (torch.float32, torch.float64) else torch.float32
     l_p = private_logits.to(dtype)

@@ -90,9 +90,7 @@ class RunRecorder:
         if pm_rounds:
             final["pm"] = pm_rounds[-1]
             last10 = pm_rounds[-10:]
-            final["pm_last10"] = {
-                key: _mean([p.get(key) for p in last10]) for key in (*GROUPS, "all_weighted")
-            }
+            final["pm_last10"] = {key: _mean([p.get(key) for p in last10]) for key in (*GROUPS, "all_weighted")}
         self.data["final"] = final
         from safetensors.torch import save_file
 

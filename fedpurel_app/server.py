@@ -60,7 +60,12 @@ class ServerRun:
         self.precision = resolve_precision(cfg.model.precision, clip.device)
         self.peft = build_peft(cfg, clip, data.classnames, data.template)
         self.test: FeatureSet = feature_set(
-            clip, input_kind(cfg.peft.name), data.test, data.test_identity, data.classnames, data.template,
+            clip,
+            input_kind(cfg.peft.name),
+            data.test,
+            data.test_identity,
+            data.classnames,
+            data.template,
             feature_cache_dir(cfg.model),
         )
         self.counts = class_counts(cfg.data, cfg.seed)
@@ -93,8 +98,13 @@ class ServerRun:
             self.resumed_phase = ""
         completed_round = self.plan.steps[self.done].round if self.done >= 0 else -1
         self.tracking = Tracking(
-            cfg.track, self.run_dir, cfg.resolved_output_dir(app_dir), [int(c) for c in self.counts],
-            self.recorder.data["config"], completed_round + 1, self.recorder.data.get("mlflow_run"),
+            cfg.track,
+            self.run_dir,
+            cfg.resolved_output_dir(app_dir),
+            [int(c) for c in self.counts],
+            self.recorder.data["config"],
+            completed_round + 1,
+            self.recorder.data.get("mlflow_run"),
         )
         if self.tracking.mlflow_run:
             self.recorder.data["mlflow_run"] = self.tracking.mlflow_run
@@ -118,15 +128,23 @@ class ServerRun:
         record = self.recorder.data.setdefault("privacy", {})
         if "noise_multiplier" not in record:
             planned = [
-                population if (step.round == 1 and train.all_clients_first_round)
+                population
+                if (step.round == 1 and train.all_clients_first_round)
                 else min(population, max(1, round(population * train.fraction)))
-                for step in self.plan.steps if step.train
+                for step in self.plan.steps
+                if step.train
             ]
             z = dp.noise_multiplier
             if dp.target_epsilon > 0:
                 z = noise_for_epsilon(dp.target_epsilon, dp.delta, population, planned)
-            record.update(noise_multiplier=z, clipping_norm=dp.clipping_norm, delta=dp.delta, population=population,
-                          releases=[], epsilon=0.0)
+            record.update(
+                noise_multiplier=z,
+                clipping_norm=dp.clipping_norm,
+                delta=dp.delta,
+                population=population,
+                releases=[],
+                epsilon=0.0,
+            )
         self.accountant = PrivacyAccountant(record["noise_multiplier"], record["population"], record["delta"])
         for sampled in record["releases"]:
             self.accountant.add_round(sampled)
@@ -155,20 +173,30 @@ class ServerRun:
             logits = self.peft.global_logits(test.features).float()
         with torch.no_grad():
             divergence = temperature_aligned_kl(
-                logits, test.zero_shot_logits, tau_min=cfg.tkl.tau_min, tau_max=cfg.tkl.tau_max, tol=cfg.tkl.tol,
+                logits,
+                test.zero_shot_logits,
+                tau_min=cfg.tkl.tau_min,
+                tau_max=cfg.tkl.tau_max,
+                tol=cfg.tkl.tol,
                 max_iter=cfg.tkl.max_iter,
             )
         preds = logits.argmax(dim=-1).cpu().numpy()
-        summary = gm_summary(preds, test.labels.cpu().numpy(), self.counts, cfg.data.many_threshold,
-                             cfg.data.few_threshold)
+        summary = gm_summary(
+            preds, test.labels.cpu().numpy(), self.counts, cfg.data.many_threshold, cfg.data.few_threshold
+        )
         summary["tkl_to_zero_shot"] = float(divergence)
         return summary
 
     def evaluate_zero_shot(self) -> dict[str, Any]:
         """GM metrics of the frozen zero-shot CLIP on the balanced test set."""
         preds = self.test.zero_shot_logits.argmax(dim=-1).cpu().numpy()
-        return gm_summary(preds, self.test.labels.cpu().numpy(), self.counts, self.cfg.data.many_threshold,
-                          self.cfg.data.few_threshold)
+        return gm_summary(
+            preds,
+            self.test.labels.cpu().numpy(),
+            self.counts,
+            self.cfg.data.many_threshold,
+            self.cfg.data.few_threshold,
+        )
 
     def pm(self, evaluations: Sequence[Evaluation]) -> dict[str, Any] | None:
         return pm_metrics(self.cfg, self.counts, evaluations)
@@ -176,8 +204,13 @@ class ServerRun:
     # --- results ---------------------------------------------------------------------------
 
     def record(
-        self, step: Step, gm: dict | None = None, pm: dict | None = None, train: dict | None = None,
-        extras: dict[str, float] | None = None, privacy: dict[str, float] | None = None,
+        self,
+        step: Step,
+        gm: dict | None = None,
+        pm: dict | None = None,
+        train: dict | None = None,
+        extras: dict[str, float] | None = None,
+        privacy: dict[str, float] | None = None,
     ) -> None:
         """Record one executed step in results.json and the trackers; ``extras``: what the step
         cost (clients that replied, bytes on the wire, seconds), for the trackers; ``privacy``: the

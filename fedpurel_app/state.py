@@ -46,6 +46,7 @@ _META_NAME = "fedpurel.name"
 _META_DIGEST = "fedpurel.sha256"
 SUFFIX = ".safetensors"
 
+
 def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and raw bytes (detects damaged data, not just headers)."""
     h = hashlib.sha256()

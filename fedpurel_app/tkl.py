@@ -23,7 +23,7 @@ are returned in that computation dtype (i.e. never in half precision).
 from __future__ import annotations
 
 import math
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +110,7 @@ def default_probes(num_classes: int, device: torch.device | str = "cpu") -> int:
 
 def solve_temperature(
     logits: Tensor,
-    target_entropy: Union[Tensor, float],
+    target_entropy: Tensor | float,
     tau_min: float = 0.05,
     tau_max: float = 20.0,
     tol: float = 1e-4,
@@ -203,9 +203,7 @@ def solve_temperature(
     return tau.detach()
 
 
-def aligned_temperatures(
-    student_logits: Tensor, teacher_logits: Tensor, **solve_kwargs: Any
-) -> tuple[Tensor, Tensor]:
+def aligned_temperatures(student_logits: Tensor, teacher_logits: Tensor, **solve_kwargs: Any) -> tuple[Tensor, Tensor]:
     """Per-sample temperatures that equalise student and teacher entropies.
 
     ``H* = (H(softmax(f)) + H(softmax(z))) / 2`` per row, then

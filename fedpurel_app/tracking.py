@@ -38,8 +38,9 @@ TRAIN_KEYS = ("task-loss", "align-loss", "conflict-rate", "mean-cosine", "client
 TB_FOLDER = "tensorboard"
 
 
-def step_scalars(gm: Mapping | None, pm: Mapping | None, train: Mapping | None,
-                 extras: Mapping[str, float] | None = None) -> dict[str, float]:
+def step_scalars(
+    gm: Mapping | None, pm: Mapping | None, train: Mapping | None, extras: Mapping[str, float] | None = None
+) -> dict[str, float]:
     """The scalars of one step, by tag (``gm/all``, ``pm/few``, ``train/conflict-rate``, ``round/bytes-up``...)."""
     out: dict[str, float] = {}
 
@@ -96,8 +97,7 @@ class TensorBoardWriter:
         self.image_every = image_every
         self.writer = SummaryWriter(str(folder), purge_step=first_step if first_step > 0 else None)
 
-    def step(self, step: int, scalars: Mapping[str, float], gm: Mapping | None, pm: Mapping | None,
-             last: bool) -> None:
+    def step(self, step: int, scalars: Mapping[str, float], gm: Mapping | None, pm: Mapping | None, last: bool) -> None:
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, step)
         for prefix, summary in (("gm", gm), ("pm", pm)):
@@ -159,8 +159,16 @@ class MlflowWriter:
 class Tracking:
     """Where a run's steps go besides results.json (see the module doc)."""
 
-    def __init__(self, track: Any, run_dir: Path, output_dir: Path, counts: Sequence[int],
-                 config: Mapping[str, Any], first_step: int, mlflow_run: str | None) -> None:
+    def __init__(
+        self,
+        track: Any,
+        run_dir: Path,
+        output_dir: Path,
+        counts: Sequence[int],
+        config: Mapping[str, Any],
+        first_step: int,
+        mlflow_run: str | None,
+    ) -> None:
         self.tensorboard = (
             TensorBoardWriter(run_dir / TB_FOLDER, first_step, counts, track.image_every) if track.tensorboard else None
         )
@@ -174,8 +182,15 @@ class Tracking:
     def mlflow_run(self) -> str | None:
         return self.mlflow.run_id if self.mlflow else None
 
-    def step(self, step: int, gm: Mapping | None, pm: Mapping | None, train: Mapping | None,
-             extras: Mapping[str, float] | None, last: bool = False) -> None:
+    def step(
+        self,
+        step: int,
+        gm: Mapping | None,
+        pm: Mapping | None,
+        train: Mapping | None,
+        extras: Mapping[str, float] | None,
+        last: bool = False,
+    ) -> None:
         scalars = step_scalars(gm, pm, train, extras)
         if self.tensorboard:
             self.tensorboard.step(step, scalars, gm, pm, last)

@@ -11,7 +11,6 @@ only pass them to ``peft.global_logits`` / ``peft.private_logits``.
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 
 import torch
@@ -231,8 +230,14 @@ def train_global(
         for idx in data.batches(batch_size, generator):
             stats.add(
                 *stage1_step(
-                    peft, data.features[idx], data.labels[idx], data.zero_shot_logits[idx], optimizer, options,
-                    objective, scaler,
+                    peft,
+                    data.features[idx],
+                    data.labels[idx],
+                    data.zero_shot_logits[idx],
+                    optimizer,
+                    options,
+                    objective,
+                    scaler,
                 )
             )
     return stats
@@ -303,7 +308,10 @@ def train_private(
 
 @torch.no_grad()
 def predict(
-    peft: PeftVariant, features: torch.Tensor, personalized: bool = False, precision: str = "fp32",
+    peft: PeftVariant,
+    features: torch.Tensor,
+    personalized: bool = False,
+    precision: str = "fp32",
     personal_logits=None,
 ) -> torch.Tensor:
     """Predicted classes with l_G or, when ``personalized``, with the personalized logits.

@@ -317,8 +317,11 @@ def write_comparison_report(out: Path, overrides: Sequence[str], presets: dict[s
         return
     mixed = other_overrides(out, overrides, presets)
     if mixed:
-        print(f"note: {len(mixed)} job(s) in the report ran with other overrides or presets, "
-              f"e.g. {mixed[0].relative_to(out)} (see its {JOB_FILE})", file=sys.stderr)
+        print(
+            f"note: {len(mixed)} job(s) in the report ran with other overrides or presets, "
+            f"e.g. {mixed[0].relative_to(out)} (see its {JOB_FILE})",
+            file=sys.stderr,
+        )
     try:
         write_report(runs, out)
     except PlotsUnavailable as error:
@@ -356,8 +359,10 @@ def main(argv: Sequence[str] | None = None, run_command: Sequence[str] | None = 
     try:
         outcomes = run_all(jobs, out, command, args.overrides, presets)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: run the same command again to resume (complete jobs are kept in {out / 'runs'})",
-              file=sys.stderr)
+        print(
+            f"\ninterrupted: run the same command again to resume (complete jobs are kept in {out / 'runs'})",
+            file=sys.stderr,
+        )
         return 130
     write_comparison_report(out, args.overrides, presets)
     failed = [o for o in outcomes if o.status == "failed"]

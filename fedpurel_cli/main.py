@@ -1,13 +1,13 @@
 """``fedpurel <command> ...``: the command-line tools, one subcommand each.
 
-    fedpurel compare [--methods ...] [--seeds ...] [--out ...] [presets and overrides]
-    fedpurel report RUNS_FOLDER [--write-to OUT]
-    fedpurel overrides [presets and key=value strings]     (used by scripts/run.sh)
-    fedpurel stage DEST                                    (the app's own files, for flwr run)
-    fedpurel node-data OUT --partition-id I --num-partitions N [--set key=value ...]
-    fedpurel folder-stats DATA_ROOT {imagenet-lt,places-lt} [IF ...]
-    fedpurel config [--write | --check]                    (pyproject.toml's [tool.flwr.app.config])
-    fedpurel prepare [presets and key=value strings]       (the embedded CLIP's first pretraining, with a bar)
+fedpurel compare [--methods ...] [--seeds ...] [--out ...] [presets and overrides]
+fedpurel report RUNS_FOLDER [--write-to OUT]
+fedpurel overrides [presets and key=value strings]     (used by scripts/run.sh)
+fedpurel stage DEST                                    (the app's own files, for flwr run)
+fedpurel node-data OUT --partition-id I --num-partitions N [--set key=value ...]
+fedpurel folder-stats DATA_ROOT {imagenet-lt,places-lt} [IF ...]
+fedpurel config [--write | --check]                    (pyproject.toml's [tool.flwr.app.config])
+fedpurel prepare [presets and key=value strings]       (the embedded CLIP's first pretraining, with a bar)
 """
 
 from __future__ import annotations
@@ -31,13 +31,21 @@ def node_data(argv: Sequence[str]) -> int:
     from fedpurel_app.errors import UserError
 
     parser = argparse.ArgumentParser(
-        prog="fedpurel node-data", description="Write one partition of a built-in dataset's Fed-LT split as a node data-dir."
+        prog="fedpurel node-data",
+        description="Write one partition of a built-in dataset's Fed-LT split as a node data-dir.",
     )
-    parser.add_argument("out", type=Path, help="the node's data-dir to write (train.txt, test.txt, dataset.json, images)")
+    parser.add_argument(
+        "out", type=Path, help="the node's data-dir to write (train.txt, test.txt, dataset.json, images)"
+    )
     parser.add_argument("--partition-id", type=int, required=True)
     parser.add_argument("--num-partitions", type=int, required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="run-config override (TOML value), e.g. --set seed=1; repeatable")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config override (TOML value), e.g. --set seed=1; repeatable",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = parse_run_config(unflatten_dict(tomllib.loads("\n".join(args.set))))
@@ -77,8 +85,10 @@ def folder_stats(argv: Sequence[str]) -> int:
         f"pool Many(>100) {int((counts > 100).sum())}, Few(<20) {int((counts < 20).sum())}"
     )
     for factor in args.imbalance_factor:
-        print(f"imbalance-factor {factor:g}: largest feasible data.n-max = "
-              f"{max_feasible_n_max(bundle.train.labels, bundle.num_classes, factor)}")
+        print(
+            f"imbalance-factor {factor:g}: largest feasible data.n-max = "
+            f"{max_feasible_n_max(bundle.train.labels, bundle.num_classes, factor)}"
+        )
     return 0
 
 
@@ -96,8 +106,10 @@ def config(argv: Sequence[str], pyproject: Path = ROOT / "pyproject.toml") -> in
     current = config_section(text)
     if args.check:
         if current != wanted:
-            print(f"{pyproject}: [tool.flwr.app.config] differs from the config models: run `fedpurel config --write`",
-                  file=sys.stderr)
+            print(
+                f"{pyproject}: [tool.flwr.app.config] differs from the config models: run `fedpurel config --write`",
+                file=sys.stderr,
+            )
             return 1
         return 0
     if args.write:

@@ -74,8 +74,9 @@ def check_keys(pairs: Mapping[str, Any], known: tuple[str, ...]) -> None:
         if key not in known:
             close = suggest(key, known)
             hint = f" (did you mean '{close}'?)" if close else ""
-            raise OverrideError(f"unknown run-config key '{key}'{hint}; the keys are in [tool.flwr.app.config] "
-                                "of pyproject.toml")
+            raise OverrideError(
+                f"unknown run-config key '{key}'{hint}; the keys are in [tool.flwr.app.config] of pyproject.toml"
+            )
 
 
 def to_run_config(pairs: Mapping[str, Any]) -> str:

@@ -63,7 +63,7 @@ def accuracy_by_count(runs: list[dict], zero_shot: bool) -> tuple[list[int], lis
         per_class = (source.get("gm") or {}).get("per_class") or []
         if not counts or len(counts) != len(per_class):
             continue
-        for count, accuracy in zip(counts, per_class):
+        for count, accuracy in zip(counts, per_class, strict=True):
             if count > 0 and accuracy is not None:
                 by_count[int(count)].append(100.0 * accuracy)
     counts = sorted(by_count)
@@ -99,7 +99,7 @@ def draw_accuracy_per_round(fig, runs: list[dict]) -> None:
     zero_shot, *methods = groups(runs)
     zero_shot_summary = summarize(runs)[0]
     color = colors(methods)
-    for ax, model, title in zip(fig.subplots(1, 2), ("gm", "pm"), ("GM", "PM")):
+    for ax, model, title in zip(fig.subplots(1, 2), ("gm", "pm"), ("GM", "PM"), strict=True):
         level, _, seeds = zero_shot_summary.values[f"{model}_all"]
         if seeds:
             ax.axhline(level, label=zero_shot.name, **ZERO_SHOT_STYLE)
@@ -116,7 +116,7 @@ def draw_accuracy_per_round(fig, runs: list[dict]) -> None:
 def draw_many_medium_few(fig, runs: list[dict]) -> None:
     """Grouped bars Many / Medium / Few per method (mean ± std over seeds), GM and PM."""
     summaries = summarize(runs)
-    for ax, model in zip(fig.subplots(2, 1), ("gm", "pm")):
+    for ax, model in zip(fig.subplots(2, 1), ("gm", "pm"), strict=True):
         keys = [f"{model}_{group}" for group in ("many", "medium", "few")]
         shown = [s for s in summaries if any(s.values[key][2] for key in keys)]
         width = 0.8 / len(keys)

@@ -174,7 +174,7 @@ def summarize(runs: list[dict]) -> list[Summary]:
     summaries = []
     for group in groups(runs):
         values = {
-            metric.key: stats(per_seed(group.runs, lambda run, m=metric: metric_value(run, m, group.zero_shot)))
+            metric.key: stats(per_seed(group.runs, lambda run, m=metric, zs=group.zero_shot: metric_value(run, m, zs)))
             for metric in METRICS
         }
         summaries.append(Summary(group.name, seeds_of(group.runs), values))
@@ -182,7 +182,7 @@ def summarize(runs: list[dict]) -> list[Summary]:
 
 
 def cell(mean: float, std: float, count: int) -> str:
-    """"mean ± std" with one decimal, the mean alone for one seed, "–" for none."""
+    """ "mean ± std" with one decimal, the mean alone for one seed, "–" for none."""
     if count == 0:
         return MISSING
     return f"{mean:.1f} ± {std:.1f}" if count > 1 else f"{mean:.1f}"

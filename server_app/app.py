@@ -25,7 +25,6 @@ from flwr.common import log
 from flwr.common.config import unflatten_dict
 from flwr.serverapp import Grid, ServerApp
 
-from fedpurel_app import protocol
 from fedpurel_app.config import parse_run_config
 from fedpurel_app.errors import UserError
 from fedpurel_app.plan import Step
@@ -101,15 +100,22 @@ def _execute(grid: Grid, run: ServerRun) -> None:
     def restored(what: str, replies: list) -> None:
         count = sum(int(reply.restored) for _, reply in replies)
         if count:
-            log(INFO, "[fedpurel] %s: %d of %d clients restored their private state from their state folder",
-                what, count, len(replies))
+            log(
+                INFO,
+                "[fedpurel] %s: %d of %d clients restored their private state from their state folder",
+                what,
+                count,
+                len(replies),
+            )
 
     def evaluate_pm(rnd: int) -> dict | None:
         what = f"round {rnd} evaluation"
         arrays = ArrayRecord(run.phi_g)
         messages = strategy.configure_evaluate(rnd, arrays, instruction(rnd), grid)
         replies = strategy.read_replies(
-            what, exchange(list(messages)), lambda m: EvaluateReply.read(metrics_of(m), num_classes),
+            what,
+            exchange(list(messages)),
+            lambda m: EvaluateReply.read(metrics_of(m), num_classes),
             [m.metadata.dst_node_id for m in messages],
         )
         restored(what, replies)
@@ -118,9 +124,13 @@ def _execute(grid: Grid, run: ServerRun) -> None:
     def personalize(step: Step, nodes: list[int] | None) -> dict | None:
         what = f"round {step.round} personalization"
         evaluate = step.pm and step.personalize == "all"
-        messages = strategy.configure_personalize(ArrayRecord(run.phi_g), instruction(step.round, evaluate), grid, nodes)
+        messages = strategy.configure_personalize(
+            ArrayRecord(run.phi_g), instruction(step.round, evaluate), grid, nodes
+        )
         replies = strategy.read_replies(
-            what, exchange(messages), lambda m: PersonalizeReply.read(metrics_of(m), num_classes, evaluate),
+            what,
+            exchange(messages),
+            lambda m: PersonalizeReply.read(metrics_of(m), num_classes, evaluate),
             [m.metadata.dst_node_id for m in messages],
         )
         restored(what, replies)
@@ -146,12 +156,18 @@ def _execute(grid: Grid, run: ServerRun) -> None:
         if step.phase == "zero-shot":
             pm = evaluate_pm(0) if step.pm else None
         if step.train:
-            messages = list(strategy.configure_train(step.round, ArrayRecord(run.phi_g),
-                                                     instruction(step.round, train=True), grid))
+            messages = list(
+                strategy.configure_train(step.round, ArrayRecord(run.phi_g), instruction(step.round, train=True), grid)
+            )
             if cfg.dp.enabled and run.accountant is None:
                 strategy.noise_multiplier = run.start_privacy(len(strategy.nodes(grid)))
-                log(INFO, "[fedpurel] differential privacy: noise multiplier %.4g, clipping norm %g, delta %g",
-                    strategy.noise_multiplier, cfg.dp.clipping_norm, cfg.dp.delta)
+                log(
+                    INFO,
+                    "[fedpurel] differential privacy: noise multiplier %.4g, clipping norm %g, delta %g",
+                    strategy.noise_multiplier,
+                    cfg.dp.clipping_norm,
+                    cfg.dp.delta,
+                )
             replies = exchange(messages)
             arrays, metrics = strategy.aggregate_train(step.round, replies)
             if cfg.dp.enabled:
@@ -166,8 +182,9 @@ def _execute(grid: Grid, run: ServerRun) -> None:
             gm = run.evaluate_gm()
         if step.pm and step.phase != "zero-shot" and step.personalize != "all":
             pm = evaluate_pm(step.round)
-        run.record(step, gm=gm, pm=pm, train=train, extras={**cost, "seconds": time.perf_counter() - started},
-                   privacy=privacy)
+        run.record(
+            step, gm=gm, pm=pm, train=train, extras={**cost, "seconds": time.perf_counter() - started}, privacy=privacy
+        )
         run.checkpoint(index, step)
         _log_step(run, step, total, gm, pm, train, privacy)
     run.finish()
@@ -190,7 +207,12 @@ def _by_partition(replies: list) -> list:
 
 
 def _log_step(
-    run: ServerRun, step: Step, total: int, gm: dict | None, pm: dict | None, train: dict | None,
+    run: ServerRun,
+    step: Step,
+    total: int,
+    gm: dict | None,
+    pm: dict | None,
+    train: dict | None,
     privacy: dict | None = None,
 ) -> None:
     elapsed = run.recorder.elapsed()
@@ -198,18 +220,34 @@ def _log_step(
         zs = run.recorder.data["zero_shot"]["gm"]
         log(INFO, "[fedpurel] zero-shot   GM all %s few %s", _fmt(zs["all"]), _fmt(zs["few"]))
     elif step.phase == "global":
-        spent = "" if privacy is None else (
-            f" | privacy epsilon {privacy['epsilon']:.3g} delta {privacy['delta']:g} "
-            f"(noise multiplier {privacy['noise_multiplier']:.3g}, clipping norm {privacy['clipping_norm']:g})"
+        spent = (
+            ""
+            if privacy is None
+            else (
+                f" | privacy epsilon {privacy['epsilon']:.3g} delta {privacy['delta']:g} "
+                f"(noise multiplier {privacy['noise_multiplier']:.3g}, clipping norm {privacy['clipping_norm']:g})"
+            )
         )
         log(
-            INFO, "[fedpurel] round %d/%d global    GM all %s few %s | conflict %s | %.1fs%s",
-            step.round, total, _fmt(gm and gm["all"]), _fmt(gm and gm["few"]),
-            _fmt(train and train.get("conflict-rate")), elapsed, spent,
+            INFO,
+            "[fedpurel] round %d/%d global    GM all %s few %s | conflict %s | %.1fs%s",
+            step.round,
+            total,
+            _fmt(gm and gm["all"]),
+            _fmt(gm and gm["few"]),
+            _fmt(train and train.get("conflict-rate")),
+            elapsed,
+            spent,
         )
     elif step.phase == "personal":
-        log(INFO, "[fedpurel] round %d/%d personal  PM all %s | %.1fs", step.round, total,
-            _fmt(pm and pm["all"]), elapsed)
+        log(
+            INFO,
+            "[fedpurel] round %d/%d personal  PM all %s | %.1fs",
+            step.round,
+            total,
+            _fmt(pm and pm["all"]),
+            elapsed,
+        )
     else:
         log(INFO, "[fedpurel] final       PM all %s | %.1fs", _fmt(pm and pm["all"]), elapsed)
     if pm is None and step.pm:

@@ -202,8 +202,9 @@ class FedPuReLStrategy(FedAvg):
             del metrics["partition-id"]  # an identity, not a statistic to average
         if self.dp is not None:
             updates = [_phi_g_of(msg) for msg in kept]
-            released = private_mean(self.sent, updates, len(self.last_sampled), self.noise_multiplier,
-                                    self.dp.clipping_norm)
+            released = private_mean(
+                self.sent, updates, len(self.last_sampled), self.noise_multiplier, self.dp.clipping_norm
+            )
             arrays = ArrayRecord(released)
         return arrays, metrics
 
@@ -211,8 +212,14 @@ class FedPuReLStrategy(FedAvg):
         norm = update_norm(_phi_g_of(msg), self.sent)
         if norm <= self.dp.clipping_norm * (1 + 1e-5) + 1e-9:
             return True
-        log(WARNING, "%s: dropped the update of node %d: its norm %.6g exceeds the clipping norm %g",
-            what, msg.metadata.src_node_id, norm, self.dp.clipping_norm)
+        log(
+            WARNING,
+            "%s: dropped the update of node %d: its norm %.6g exceeds the clipping norm %g",
+            what,
+            msg.metadata.src_node_id,
+            norm,
+            self.dp.clipping_norm,
+        )
         return False
 
     def _read_train(self, msg: Message) -> TrainReply:

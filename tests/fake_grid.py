@@ -19,6 +19,7 @@ from fedpurel_app import protocol
 from fedpurel_app.config import parse_run_config
 from server_app import app as server
 
+
 class Killed(Exception):
     """The server process dies."""
 
@@ -38,8 +39,13 @@ class DirectGrid:
             return {"partition-id": i, "num-partitions": nodes, **extra}
 
         self.contexts = contexts or {
-            node_id(i): Context(run_id=1, node_id=node_id(i), node_config=node_config(i), state=RecordDict(),
-                                run_config=dict(run_config))
+            node_id(i): Context(
+                run_id=1,
+                node_id=node_id(i),
+                node_config=node_config(i),
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
             for i in range(nodes)
         }
         for context in self.contexts.values():

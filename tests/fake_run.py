@@ -21,10 +21,21 @@ REPORTS = {"pft": ["pm"], "lp-ft": ["gm"]}  # the other methods report both
 def fake_results(method: str, seed: int, args: list[str]) -> dict:
     """A complete results.json of ``method`` and ``seed`` (accuracies grow with both)."""
     base = 0.5 + 0.01 * len(method) + 0.01 * seed
-    gm = {"all": base, "many": base + 0.1, "medium": base, "few": base - 0.1, "balancedness": base - 0.2,
-          "per_class": [base + 0.1, base, base - 0.05, base - 0.1]}
-    pm = {"all": base + 0.05, "many": base + 0.15, "medium": base + 0.05, "few": base - 0.05,
-          "balancedness": base - 0.15}
+    gm = {
+        "all": base,
+        "many": base + 0.1,
+        "medium": base,
+        "few": base - 0.1,
+        "balancedness": base - 0.2,
+        "per_class": [base + 0.1, base, base - 0.05, base - 0.1],
+    }
+    pm = {
+        "all": base + 0.05,
+        "many": base + 0.15,
+        "medium": base + 0.05,
+        "few": base - 0.05,
+        "balancedness": base - 0.15,
+    }
     train = {"conflict-rate": 0.3 + 0.01 * seed} if method.startswith("fedpurel") else {}
     rounds = [{"round": r, "phase": "global", "gm": gm, "train": train, "wall_time": float(r)} for r in (1, 2)]
     rounds.append({"round": 3, "phase": "personal", "pm": pm, "wall_time": 3.0})

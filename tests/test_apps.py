@@ -161,8 +161,10 @@ BAD_REPLIES = {
 def test_aggregation_is_weighted_by_n_k():
     strategy = FedPuReLStrategy({"ctx": (2, 3)}, max_examples=1000)
     request = server_message({"ctx": torch.zeros(2, 3)}, MessageType.TRAIN)
-    replies = [reply({"ctx": torch.ones(2, 3)}, 10, 1, request, 0),
-               reply({"ctx": 4 * torch.ones(2, 3)}, 30, 2, request, 1)]
+    replies = [
+        reply({"ctx": torch.ones(2, 3)}, 10, 1, request, 0),
+        reply({"ctx": 4 * torch.ones(2, 3)}, 30, 2, request, 1),
+    ]
     arrays, values = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["ctx"].numpy(), np.full((2, 3), (10 * 1 + 30 * 4) / 40))
     assert values["conflict-rate"] == pytest.approx(0.5)
@@ -224,8 +226,11 @@ def test_a_query_reports_the_partition_and_reads_no_data(monkeypatch):
 
     monkeypatch.setattr(library_client, "client_data", lambda *a: pytest.fail("a query read data"))
     context = make_context(3)
-    msg = Message(RecordDict({protocol.CONFIG: ConfigRecord(Instruction(0).to_config())}), dst_node_id=103,
-                  message_type=protocol.QUERY)
+    msg = Message(
+        RecordDict({protocol.CONFIG: ConfigRecord(Instruction(0).to_config())}),
+        dst_node_id=103,
+        message_type=protocol.QUERY,
+    )
     answer = client.query(msg, context)
     assert not answer.has_error() and metrics(answer) == {"partition-id": 3}
     strategy = FedPuReLStrategy({"ctx": (2, 3)})
@@ -278,8 +283,10 @@ def test_a_node_without_state_dir_keeps_its_phi_k_in_a_folder_of_the_run(phi_g, 
         ({}, "missing key 'partition-id'"),
         ({"partition-id": 4, "num-partitions": 4}, "partition-id (4) must be smaller than num-partitions (4)"),
         ({"partition-id": -1, "num-partitions": 4}, "key 'partition-id'"),
-        ({"partition-id": 0, "num-partitions": 4, "state-dri": "/tmp/x"},
-         "unknown key 'state-dri' (did you mean 'state-dir'?)"),
+        (
+            {"partition-id": 0, "num-partitions": 4, "state-dri": "/tmp/x"},
+            "unknown key 'state-dri' (did you mean 'state-dir'?)",
+        ),
     ],
 )
 def test_a_bad_node_config_is_one_clear_error(phi_g, node_config, expected):
@@ -298,8 +305,9 @@ def test_a_bad_node_config_is_one_clear_error(phi_g, node_config, expected):
 
 
 def client_handler(message_type: str):
-    return {MessageType.TRAIN: client.train, PERSONALIZE: client.personalize,
-            MessageType.EVALUATE: client.evaluate}[message_type]
+    return {MessageType.TRAIN: client.train, PERSONALIZE: client.personalize, MessageType.EVALUATE: client.evaluate}[
+        message_type
+    ]
 
 
 @pytest.mark.parametrize("name", ["promptfl-la", "fed-grab", "promptfolio", "pft", "lp-ft", "fedpurel-kl"])
@@ -399,8 +407,10 @@ def test_aggregation_does_not_depend_on_the_order_replies_arrive_in():
     strategy = FedPuReLStrategy({"ctx": (4, 8)}, max_examples=10**6)
     request = server_message({"ctx": torch.zeros(4, 8)}, MessageType.TRAIN)
     g = torch.Generator().manual_seed(0)
-    replies = [reply({"ctx": torch.randn(4, 8, generator=g)}, int(n), node, request, node - 1)
-               for node, n in zip(range(1, 8), torch.randint(1, 1000, (7,), generator=g), strict=True)]
+    replies = [
+        reply({"ctx": torch.randn(4, 8, generator=g)}, int(n), node, request, node - 1)
+        for node, n in zip(range(1, 8), torch.randint(1, 1000, (7,), generator=g), strict=True)
+    ]
     first, _ = strategy.aggregate_train(1, replies)
     second, _ = strategy.aggregate_train(1, replies[::-1])
     assert np.array_equal(first["ctx"].numpy(), second["ctx"].numpy())
@@ -425,6 +435,7 @@ def test_sampling_follows_the_partitions_nodes_report_not_their_random_ids():
 
 def test_a_restarted_node_restores_a_methods_private_state_from_its_state_dir(phi_g, tmp_path):
     """LP-FT's head (method state) and copy (phi_k) survive a restart through the state-dir."""
+
     def node():
         context = make_context()
         context.run_config = {**SMALL_RUN, "method.name": "lp-ft"}
@@ -468,13 +479,20 @@ def test_personalize_with_evaluate_replies_what_a_separate_evaluation_would(phi_
 
     classes = num_classes(small_cfg)
     strategy = FedPuReLStrategy({"ctx": tuple(phi_g["ctx"].shape)}, num_classes=classes)
-    (pair,) = strategy.read_replies("personal", [merged_reply],
-                                    lambda m: PersonalizeReply.read(metrics_of(m), classes, True))
+    (pair,) = strategy.read_replies(
+        "personal", [merged_reply], lambda m: PersonalizeReply.read(metrics_of(m), classes, True)
+    )
     assert pair[1].evaluation == EvaluateReply.read(want, classes).evaluation
     # Read as a reply without an evaluation, the merged reply does not follow the protocol.
-    assert strategy.read_replies("personal", [merged_reply],
-                                 lambda m: PersonalizeReply.read(metrics_of(m), classes, False)) == []
+    assert (
+        strategy.read_replies(
+            "personal", [merged_reply], lambda m: PersonalizeReply.read(metrics_of(m), classes, False)
+        )
+        == []
+    )
     messages = strategy.configure_personalize(ArrayRecord(phi_g), Instruction(3, evaluate=True), FakeGrid([5, 6]))
     assert [m.content["config"]["evaluate"] for m in messages] == [True, True]
-    assert all("evaluate" not in m.content["config"]
-               for m in strategy.configure_personalize(ArrayRecord(phi_g), Instruction(3), FakeGrid([5, 6])))
+    assert all(
+        "evaluate" not in m.content["config"]
+        for m in strategy.configure_personalize(ArrayRecord(phi_g), Instruction(3), FakeGrid([5, 6]))
+    )

@@ -54,17 +54,27 @@ def make_cifar10(root, per_class_train=20, per_class_test=4):
     images = _pattern(0, n)
     for b in range(5):
         sl = slice(b * n // 5, (b + 1) * n // 5)
-        _dump(d / f"data_batch_{b + 1}", {
-            "batch_label": f"training batch {b + 1} of 5",
-            "labels": labels[sl].tolist(),
-            "data": _rows(images[sl]),
-            "filenames": [f"img_{i}.png" for i in range(sl.start, sl.stop)],
-        })
+        _dump(
+            d / f"data_batch_{b + 1}",
+            {
+                "batch_label": f"training batch {b + 1} of 5",
+                "labels": labels[sl].tolist(),
+                "data": _rows(images[sl]),
+                "filenames": [f"img_{i}.png" for i in range(sl.start, sl.stop)],
+            },
+        )
     nt = 10 * per_class_test
     t_labels = (np.arange(nt) * 3) % 10
     t_images = _pattern(1000, nt)
-    _dump(d / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": t_labels.tolist(),
-                             "data": _rows(t_images), "filenames": [f"t_{i}.png" for i in range(nt)]})
+    _dump(
+        d / "test_batch",
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": t_labels.tolist(),
+            "data": _rows(t_images),
+            "filenames": [f"t_{i}.png" for i in range(nt)],
+        },
+    )
     _dump(d / "batches.meta", {"num_cases_per_batch": n // 5, "label_names": C10_NAMES, "num_vis": 3072})
     return images, labels, t_images, t_labels
 
@@ -76,15 +86,17 @@ def make_cifar100(root, per_class_train=3, per_class_test=1):
     labels, t_labels = np.arange(n) % 100, (np.arange(nt) * 7) % 100
     images, t_images = _pattern(0, n), _pattern(5000, nt)
     for fname, im, lab in (("train", images, labels), ("test", t_images, t_labels)):
-        _dump(d / fname, {
-            "filenames": [f"{fname}_{i}.png" for i in range(len(lab))],
-            "batch_label": f"{fname} batch",
-            "fine_labels": lab.tolist(),
-            "coarse_labels": (lab // 5).tolist(),
-            "data": _rows(im),
-        })
-    _dump(d / "meta", {"fine_label_names": C100_NAMES,
-                       "coarse_label_names": [f"super_{i}" for i in range(20)]})
+        _dump(
+            d / fname,
+            {
+                "filenames": [f"{fname}_{i}.png" for i in range(len(lab))],
+                "batch_label": f"{fname} batch",
+                "fine_labels": lab.tolist(),
+                "coarse_labels": (lab // 5).tolist(),
+                "data": _rows(im),
+            },
+        )
+    _dump(d / "meta", {"fine_label_names": C100_NAMES, "coarse_label_names": [f"super_{i}" for i in range(20)]})
     return images, labels, t_images, t_labels
 
 
@@ -97,6 +109,7 @@ def no_md5(monkeypatch):
 @pytest.fixture
 def no_network(monkeypatch):
     """Fail the test if anything tries to download."""
+
     def boom(*a, **k):
         raise AssertionError("a download was attempted")
 
@@ -125,8 +138,18 @@ def test_cifar10_round_trip(tmp_path, no_md5, no_network):
     # one pixel spelled out: image 37, row 5, col 9 -> (42, 120, 194)
     assert b.train.images[37, 5, 9].tolist() == [42, 120, (37 * 5 + 9) % 256]
     assert np.array_equal(np.asarray(b.train.pil(37)), images[37])
-    split = build_fedlt(b.train.labels, b.test.labels, b.num_classes, num_clients=3, n_max=20,
-                        imbalance_factor=10, alpha=1.0, min_samples=2, client_test_size=8, seed=0)
+    split = build_fedlt(
+        b.train.labels,
+        b.test.labels,
+        b.num_classes,
+        num_clients=3,
+        n_max=20,
+        imbalance_factor=10,
+        alpha=1.0,
+        min_samples=2,
+        client_test_size=8,
+        seed=0,
+    )
     assert split.class_counts.tolist() == [20, 15, 11, 9, 7, 5, 4, 3, 2, 2]
     assert sorted(np.concatenate(split.client_train).tolist()) == split.train_indices.tolist()
     assert all(len(t) > 0 for t in split.client_test)
@@ -145,15 +168,27 @@ def test_cifar100_round_trip(tmp_path, no_md5, no_network):
     assert b.train.labels.tolist() == labels.tolist()  # fine labels, not coarse
     assert b.test.labels.tolist() == t_labels.tolist()
     assert b.prompts()[1] == "a photo of a aquarium fish."
-    split = build_fedlt(b.train.labels, b.test.labels, 100, num_clients=2, n_max=3,
-                        imbalance_factor=3, alpha=1.0, min_samples=5, client_test_size=10, seed=1)
+    split = build_fedlt(
+        b.train.labels,
+        b.test.labels,
+        100,
+        num_clients=2,
+        n_max=3,
+        imbalance_factor=3,
+        alpha=1.0,
+        min_samples=5,
+        client_test_size=10,
+        seed=1,
+    )
     assert split.class_counts[0] == 3 and split.class_counts[-1] == 1
     assert len(split.train_indices) == split.class_counts.sum()
 
 
 def test_missing_folder_no_download(tmp_path, no_md5, no_network):
-    for name, folder, some_file in (("cifar100-lt", "cifar-100-python", "meta"),
-                                    ("cifar10-lt", "cifar-10-batches-py", "batches.meta")):
+    for name, folder, some_file in (
+        ("cifar100-lt", "cifar-100-python", "meta"),
+        ("cifar10-lt", "cifar-10-batches-py", "batches.meta"),
+    ):
         with pytest.raises(FileNotFoundError) as e:
             load_dataset(name, str(tmp_path))
         msg = str(e.value)

@@ -159,7 +159,10 @@ def test_bad_input_is_one_message_and_exit_2(tmp_path, fake_log, capsys, args, m
 def test_the_command_line_rejects_an_unknown_method_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fedpurel_cli.main", "compare", "--out", str(tmp_path), "--methods", "bogus"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "unknown method 'bogus'" in proc.stderr and "Traceback" not in proc.stderr
@@ -170,14 +173,15 @@ def test_the_command_line_rejects_an_unknown_method_without_traceback(tmp_path):
 
 def write_run(folder, method, seed, gm_all, worst, pm_all, wall, reports=None, **extra):
     """A fabricated results.json: Many/Medium/Few fixed, zero-shot GM All 0.5 + seed / 10."""
-    gm = {"all": gm_all, "many": 0.9, "medium": 0.6, "few": 0.3, "balancedness": worst,
-          "per_class": [0.9, 0.6, 0.3]}
+    gm = {"all": gm_all, "many": 0.9, "medium": 0.6, "few": 0.3, "balancedness": worst, "per_class": [0.9, 0.6, 0.3]}
     pm = {"all": pm_all, "many": 0.95, "medium": 0.7, "few": 0.4, "balancedness": 0.2}
     data = {
         "config": {"method.name": method, "seed": seed},
         "zero_shot": {"gm": {**gm, "all": 0.5 + seed / 10, "per_class": [0.8, 0.7, 0.6]}, "pm": {"all": 0.55}},
-        "rounds": [{"round": 1, "phase": "global", "gm": gm, "train": {"conflict-rate": 0.4}},
-                   {"round": 2, "phase": "personal", "pm": pm}],
+        "rounds": [
+            {"round": 1, "phase": "global", "gm": gm, "train": {"conflict-rate": 0.4}},
+            {"round": 2, "phase": "personal", "pm": pm},
+        ],
         "final": {"gm": gm, "pm": pm, "wall_time": wall},
         "class_counts": [50, 10, 2],
         **extra,
@@ -193,8 +197,9 @@ def write_run(folder, method, seed, gm_all, worst, pm_all, wall, reports=None, *
 def fabricated(tmp_path):
     """fedpurel over 3 seeds (both metrics), pft over 2 seeds (PM only), an unfinished run."""
     runs = tmp_path / "runs"
-    for seed, (gm_all, worst, pm_all, wall) in enumerate([(0.70, 0.1, 0.80, 10), (0.80, 0.2, 0.90, 20),
-                                                          (0.75, 0.3, 0.85, 30)]):
+    for seed, (gm_all, worst, pm_all, wall) in enumerate(
+        [(0.70, 0.1, 0.80, 10), (0.80, 0.2, 0.90, 20), (0.75, 0.3, 0.85, 30)]
+    ):
         write_run(runs, "fedpurel", seed, gm_all, worst, pm_all, wall)
     write_run(runs, "pft", 0, 0.1, 0.0, 0.60, 5, reports=["pm"])
     write_run(runs, "pft", 1, 0.1, 0.0, 0.70, 7, reports=["pm"])
@@ -214,14 +219,26 @@ def test_table_mean_and_std_over_seeds_by_hand(fabricated):
     assert rows == ["zero-shot CLIP", "fedpurel", "pft"]
     # GM All 70, 80, 75: mean 75, population std sqrt(50/3) = 4.08; worst 10, 20, 30: 20 ± sqrt(200/3) = 8.16
     assert cells(text, "fedpurel") == [
-        "fedpurel", "0,1,2", "3", "75.0 ± 4.1", "90.0 ± 0.0", "60.0 ± 0.0", "30.0 ± 0.0", "20.0 ± 8.2",
-        "85.0 ± 4.1", "20.0 ± 8.2",
+        "fedpurel",
+        "0,1,2",
+        "3",
+        "75.0 ± 4.1",
+        "90.0 ± 0.0",
+        "60.0 ± 0.0",
+        "30.0 ± 0.0",
+        "20.0 ± 8.2",
+        "85.0 ± 4.1",
+        "20.0 ± 8.2",
     ]
     # PM only: every GM column is "–"; PM 60, 70: 65 ± 5; wall 5, 7: 6 ± 1
     assert cells(text, "pft") == ["pft", "0,1", "2", "–", "–", "–", "–", "–", "65.0 ± 5.0", "6.0 ± 1.0"]
     # zero-shot GM All per seed 50, 60, 70 (pft's runs of seeds 0 and 1 average in): 60 ± 8.2; no wall time
     assert cells(text, "zero-shot CLIP")[1:4] + cells(text, "zero-shot CLIP")[8:] == [
-        "0,1,2", "3", "60.0 ± 8.2", "55.0 ± 0.0", "–",
+        "0,1,2",
+        "3",
+        "60.0 ± 8.2",
+        "55.0 ± 0.0",
+        "–",
     ]
 
 
@@ -241,7 +258,11 @@ def test_csv_holds_the_same_numbers_and_one_row_per_run(fabricated, tmp_path):
     assert float(zero_shot["gm_all"]) == pytest.approx(60.0) and zero_shot["wall_time_s"] == ""
     runs = [row for row in rows if row["row"] == "run"]
     assert sorted((r["method"], r["seed"]) for r in runs) == [
-        ("fedpurel", "0"), ("fedpurel", "1"), ("fedpurel", "2"), ("pft", "0"), ("pft", "1"),
+        ("fedpurel", "0"),
+        ("fedpurel", "1"),
+        ("fedpurel", "2"),
+        ("pft", "0"),
+        ("pft", "1"),
     ]
     first = next(r for r in runs if (r["method"], r["seed"]) == ("fedpurel", "1"))
     assert float(first["gm_all"]) == pytest.approx(80.0) and first["gm_all_std"] == ""

@@ -23,7 +23,11 @@ def compare(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     }
     return subprocess.run(
         [sys.executable, "-m", "fedpurel_cli.main", "compare", "--out", str(tmp_path / "cmp"), *args, SMALL],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 

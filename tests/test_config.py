@@ -54,8 +54,9 @@ def test_overrides_are_applied():
     cfg = make_cfg({"method.name": "promptfl", "peft.prompt.lr": 0.5, "seed": 3, "train.rounds": 7})
     assert (cfg.method.name, cfg.peft.options.lr, cfg.seed, cfg.train.rounds) == ("promptfl", 0.5, 3, 7)
     assert cfg.peft.options is cfg.peft.prompt
-    lora = make_cfg({"peft.name": "lora", "peft.lora.rank": 4, "method.name": "fedpurel-kl",
-                     "method.fedpurel-kl.lam": 0.5})
+    lora = make_cfg(
+        {"peft.name": "lora", "peft.lora.rank": 4, "method.name": "fedpurel-kl", "method.fedpurel-kl.lam": 0.5}
+    )
     assert lora.peft.options.rank == 4 and lora.method.options.lam == 0.5
     assert lora.method.options is lora.method.fedpurel_kl
 
@@ -104,8 +105,14 @@ def test_all_problems_are_listed_at_once():
 
 @pytest.mark.parametrize(
     "override",
-    [{"train.rounds": True}, {"peft.prompt.lr": True}, {"tkl.tau-max": False}, {"model.feature-cache": 1},
-     {"train.all-clients-first-round": "true"}, {"data.n-max": 40.0}],
+    [
+        {"train.rounds": True},
+        {"peft.prompt.lr": True},
+        {"tkl.tau-max": False},
+        {"model.feature-cache": 1},
+        {"train.all-clients-first-round": "true"},
+        {"data.n-max": 40.0},
+    ],
 )
 def test_types_are_strict(override):
     """A TOML ``true`` is no number, a ``1`` is no bool, a float is no count."""
@@ -172,12 +179,26 @@ def test_state_fingerprint_changes_with_an_identity_field_and_ignores_training_f
     base = make_cfg()
     key = fingerprint(base, "state")["key"]
     assert fingerprint(make_cfg(), "state")["key"] == key, "stable across parses"
-    for identity in ({"peft.prompt.n-ctx": 8}, {"model.name": "other"}, {"data.name": "mnist"}, {"seed": 1},
-                     {"peft.name": "adapter"}, {"method.name": "promptfl"}, {"data.dirichlet-alpha": 0.5}):
+    for identity in (
+        {"peft.prompt.n-ctx": 8},
+        {"model.name": "other"},
+        {"data.name": "mnist"},
+        {"seed": 1},
+        {"peft.name": "adapter"},
+        {"method.name": "promptfl"},
+        {"data.dirichlet-alpha": 0.5},
+    ):
         assert fingerprint(make_cfg(identity), "state")["key"] != key, identity
-    for training in ({"peft.prompt.lr": 0.5}, {"train.rounds": 3}, {"personalize.epochs": 1}, {"tkl.tol": 0.01},
-                     {"model.device": "cpu"}, {"output-dir": "elsewhere"}, {"method.fedpurel.lam": 0.5},
-                     {"data.many-threshold": 50.0}):
+    for training in (
+        {"peft.prompt.lr": 0.5},
+        {"train.rounds": 3},
+        {"personalize.epochs": 1},
+        {"tkl.tol": 0.01},
+        {"model.device": "cpu"},
+        {"output-dir": "elsewhere"},
+        {"method.fedpurel.lam": 0.5},
+        {"data.many-threshold": 50.0},
+    ):
         assert fingerprint(make_cfg(training), "state")["key"] == key, training
     # Another variant's knobs never matter while it is not selected.
     assert fingerprint(make_cfg({"peft.lora.rank": 2}), "state")["key"] == key
@@ -194,8 +215,9 @@ def test_fingerprint_extra_fields_and_scopes():
     assert fingerprint(make_cfg({"train.rounds": 3}), "checkpoint")["key"] != fingerprint(cfg, "checkpoint")["key"]
     assert fingerprint(make_cfg({"output-dir": "x"}), "checkpoint")["key"] == fingerprint(cfg, "checkpoint")["key"]
     assert fingerprint(make_cfg({"peft.prompt.n-ctx": 8}), "features") == fingerprint(cfg, "features")
-    assert set(fingerprint_fields(cfg, "features")) <= {"seed"} | {k for k in known_keys() if k.split(".")[0] in
-                                                                    ("data", "model")}
+    assert set(fingerprint_fields(cfg, "features")) <= {"seed"} | {
+        k for k in known_keys() if k.split(".")[0] in ("data", "model")
+    }
 
 
 def test_fingerprint_diff_names_the_changed_keys():

@@ -60,8 +60,10 @@ def _bounds(field: FieldInfo) -> dict:
 
 def _in_range(value: float, b: dict) -> bool:
     return (
-        ("ge" not in b or value >= b["ge"]) and ("gt" not in b or value > b["gt"])
-        and ("le" not in b or value <= b["le"]) and ("lt" not in b or value < b["lt"])
+        ("ge" not in b or value >= b["ge"])
+        and ("gt" not in b or value > b["gt"])
+        and ("le" not in b or value <= b["le"])
+        and ("lt" not in b or value < b["lt"])
     )
 
 
@@ -71,18 +73,28 @@ def _numbers(kind: type, b: dict) -> tuple[st.SearchStrategy, st.SearchStrategy]
     hi = b.get("le", b.get("lt", lo + 100))
     if kind is int:
         valid = st.integers(int(lo), int(hi)).filter(lambda v: _in_range(v, b))
-        out = st.one_of(st.integers(-10**6, int(lo) - 1) if "ge" in b or "gt" in b else st.nothing(),
-                        st.integers(int(hi) + 1, 10**6) if "le" in b or "lt" in b else st.nothing())
+        out = st.one_of(
+            st.integers(-(10**6), int(lo) - 1) if "ge" in b or "gt" in b else st.nothing(),
+            st.integers(int(hi) + 1, 10**6) if "le" in b or "lt" in b else st.nothing(),
+        )
         # strict: a float (even 3.0) is no count, true is no number
-        wrong = st.one_of(out, WORDS, st.booleans(), st.floats(0.1, 0.9).map(lambda f: int(lo) + 1 + f),
-                          st.just(float(int(lo) + 1)), NON_FINITE)
+        wrong = st.one_of(
+            out,
+            WORDS,
+            st.booleans(),
+            st.floats(0.1, 0.9).map(lambda f: int(lo) + 1 + f),
+            st.just(float(int(lo) + 1)),
+            NON_FINITE,
+        )
     else:
         valid = st.one_of(
             st.floats(lo, hi, exclude_min="gt" in b, exclude_max="lt" in b),
             st.integers(math.ceil(lo), math.floor(hi)).filter(lambda v: _in_range(v, b)),
         )
-        out = st.one_of(st.floats(-1e6, lo, exclude_max="ge" in b) if "ge" in b or "gt" in b else st.nothing(),
-                        st.floats(hi, 1e6, exclude_min="le" in b) if "le" in b or "lt" in b else st.nothing())
+        out = st.one_of(
+            st.floats(-1e6, lo, exclude_max="ge" in b) if "ge" in b or "gt" in b else st.nothing(),
+            st.floats(hi, 1e6, exclude_min="le" in b) if "le" in b or "lt" in b else st.nothing(),
+        )
         wrong = st.one_of(out, WORDS, st.booleans(), NON_FINITE)
     return valid, wrong
 
@@ -91,10 +103,14 @@ SPECIAL = {
     "data.name": (st.sampled_from(sorted(DATASETS)), st.one_of(WORDS, st.integers())),
     "peft.name": (st.sampled_from(sorted(PEFT_VARIANTS)), st.one_of(WORDS, st.floats())),
     "method.name": (st.sampled_from(sorted(METHODS)), st.one_of(WORDS, st.integers())),
-    "model.device": (st.sampled_from(["auto", "cpu", "cuda", "cuda:0", "cuda:3"]),
-                     st.sampled_from(["tpu", "cuda:", "gpu0", "CPU"])),
-    "peft.lora.targets": (st.sampled_from(["q_proj", "q_proj,v_proj", "re:.*attn.*"]),
-                          st.sampled_from(["", ",", "re:(", "re:", 7])),
+    "model.device": (
+        st.sampled_from(["auto", "cpu", "cuda", "cuda:0", "cuda:3"]),
+        st.sampled_from(["tpu", "cuda:", "gpu0", "CPU"]),
+    ),
+    "peft.lora.targets": (
+        st.sampled_from(["q_proj", "q_proj,v_proj", "re:.*attn.*"]),
+        st.sampled_from(["", ",", "re:(", "re:", 7]),
+    ),
 }
 
 
@@ -115,8 +131,9 @@ def field_strategies(key: str) -> tuple[st.SearchStrategy, st.SearchStrategy]:
         return _numbers(kind, b)
     assert kind is str, (key, kind)
     valid = st.text(max_size=6) if not b.get("min_length") else WORDS
-    invalid = st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(),
-                        st.just("") if b.get("min_length") else st.nothing())
+    invalid = st.one_of(
+        st.integers(), st.floats(allow_nan=False), st.booleans(), st.just("") if b.get("min_length") else st.nothing()
+    )
     return valid, invalid
 
 
@@ -189,8 +206,9 @@ def test_random_configs_are_accepted_or_refused_naming_every_bad_key(case):
 
 def test_a_relation_is_reported_next_to_field_errors():
     try:
-        make_cfg({"peft.prompt.lr": -1.0, "tkl.tau-min": 5.0, "tkl.tau-max": 1.0, "data.few-threshold": 50.0,
-                  "bogus": 1})
+        make_cfg(
+            {"peft.prompt.lr": -1.0, "tkl.tau-min": 5.0, "tkl.tau-max": 1.0, "data.few-threshold": 50.0, "bogus": 1}
+        )
     except ConfigError as err:
         message = str(err)
     else:
@@ -201,8 +219,13 @@ def test_a_relation_is_reported_next_to_field_errors():
 
 
 def test_booleans_and_non_finite_numbers_are_refused_for_numeric_keys():
-    for override in ({"train.rounds": True}, {"peft.prompt.lr": math.inf}, {"round-timeout": math.nan},
-                     {"method.fedpurel.lam": False}, {"peft.lora.alpha": -math.inf}):
+    for override in (
+        {"train.rounds": True},
+        {"peft.prompt.lr": math.inf},
+        {"round-timeout": math.nan},
+        {"method.fedpurel.lam": False},
+        {"peft.lora.alpha": -math.inf},
+    ):
         try:
             make_cfg(override)
         except ConfigError as err:

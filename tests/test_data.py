@@ -121,8 +121,7 @@ def test_client_data_is_the_nodes_partition_of_the_run_split():
     from fedpurel_app.data.fedlt import long_tail_counts
     from tests.conftest import make_cfg
 
-    cfg = make_cfg({"data.name": "mnist", "data.n-max": 40, "data.imbalance-factor": 10.0,
-                    "data.client-test-size": 20})
+    cfg = make_cfg({"data.name": "mnist", "data.n-max": 40, "data.imbalance-factor": 10.0, "data.client-test-size": 20})
     bundle = client.dataset("mnist", "")
     assert client.dataset("mnist", "") is bundle, "cached per process"
     counts = client.class_counts(cfg.data, cfg.seed)

@@ -24,8 +24,16 @@ TEST = np.repeat(np.arange(C), 50)
 
 
 def build(**overrides):
-    args = dict(num_classes=C, num_clients=5, n_max=100, imbalance_factor=10.0, alpha=1.0,
-                min_samples=2, client_test_size=40, seed=0)
+    args = dict(
+        num_classes=C,
+        num_clients=5,
+        n_max=100,
+        imbalance_factor=10.0,
+        alpha=1.0,
+        min_samples=2,
+        client_test_size=40,
+        seed=0,
+    )
     args.update(overrides)
     return build_fedlt(TRAIN, TEST, **args)
 

@@ -33,8 +33,14 @@ DEPLOY = REPO / "deploy"
 DOCKER = REPO / "docker"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 DEPS = PYPROJECT["project"]["dependencies"]
-COMBOS = [("compose.yml",), ("compose.yml", "compose.tls.yml"), ("compose.yml", "compose.tls.yml", "compose.gpu.yml"),
-          ("compose.server.yml",), ("compose.client.yml",), ("compose.client.yml", "compose.client.gpu.yml")]
+COMBOS = [
+    ("compose.yml",),
+    ("compose.yml", "compose.tls.yml"),
+    ("compose.yml", "compose.tls.yml", "compose.gpu.yml"),
+    ("compose.server.yml",),
+    ("compose.client.yml",),
+    ("compose.client.yml", "compose.client.gpu.yml"),
+]
 HEALTH = "127.0.0.1:39190"
 
 
@@ -63,16 +69,25 @@ SUPERNODE_PORT_BASE = int(_common_default("SUPERNODE_PORT_BASE"))
 def deploy_dir(tmp_path_factory) -> Path:
     """A DEPLOY_DIR with every file the compose files name (secrets must exist for compose)."""
     root = tmp_path_factory.mktemp("deploy")
-    for rel in ("certs/ca.crt", "certs/server.pem", "certs/server.key", "certs/superexec.secret",
-                *(f"keys/supernode-{i}{ext}" for i in range(8) for ext in ("", ".pub"))):
+    for rel in (
+        "certs/ca.crt",
+        "certs/server.pem",
+        "certs/server.key",
+        "certs/superexec.secret",
+        *(f"keys/supernode-{i}{ext}" for i in range(8) for ext in ("", ".pub")),
+    ):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text("x")
     return root
 
 
 def env_for(deploy_dir: Path, names: tuple[str, ...] = ()) -> dict[str, str]:
-    env = {"DEPLOY_DIR": str(deploy_dir), "SUPERLINK_ADDRESS": "link.example.org", "PARTITION_ID": "4",
-           "NUM_PARTITIONS": "7"}
+    env = {
+        "DEPLOY_DIR": str(deploy_dir),
+        "SUPERLINK_ADDRESS": "link.example.org",
+        "PARTITION_ID": "4",
+        "NUM_PARTITIONS": "7",
+    }
     if "compose.server.yml" in names:
         env["SUPERLINK_BIND"] = "203.0.113.10"  # required there (a documentation address; nothing dials it)
     return env
@@ -147,7 +162,7 @@ def _compose_works() -> bool:
 COMPOSE = _compose_works()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compose_config(names: tuple[str, ...], env_items: tuple) -> dict:
     args = ["docker", "compose"] + [a for n in names for a in ("-f", str(DEPLOY / n))] + ["config", "--format", "json"]
     out = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **dict(env_items)}, timeout=120)
@@ -229,7 +244,7 @@ def node_config(command: list[str]) -> dict[str, str]:
 
 
 def indexed(services: dict, prefix: str) -> dict[int, dict]:
-    return {int(n[len(prefix):]): s for n, s in services.items() if re.fullmatch(rf"{prefix}\d+", n)}
+    return {int(n[len(prefix) :]): s for n, s in services.items() if re.fullmatch(rf"{prefix}\d+", n)}
 
 
 def _restart_is_bounded(svc: dict) -> bool:
@@ -249,14 +264,18 @@ def test_dockerfiles_follow_flowers_suffixed_images_at_the_pinned_flwr_version()
         assert f"ARG BASE_OS={os_tag}" in text, name
         # Never Flower's plain tag, whose Python changes with Flower's default.
         froms = re.findall(r"^FROM (\S+)", text, re.M)
-        assert froms and all(f == f"flwr/{name}:${{FLWR_VERSION}}-py${{PYTHON_VERSION}}-${{BASE_OS}}" for f in froms), froms
+        assert froms and all(f == f"flwr/{name}:${{FLWR_VERSION}}-py${{PYTHON_VERSION}}-${{BASE_OS}}" for f in froms), (
+            froms
+        )
         assert f'ENTRYPOINT ["flower-{name}"]' in text
         assert "COPY docker/healthcheck.py /opt/fedpurel/healthcheck.py" in text, name
     superexec = (DOCKER / "superexec.Dockerfile").read_text()
     # Dependencies come from pyproject.toml and setup.sh (no second list of versions to drift) and are verified.
     assert "python requirements.py pyproject.toml" in superexec and "--no-deps setup.sh" in superexec
     assert "--verify /opt/fedpurel/pyproject.toml /opt/fedpurel/setup.sh" in superexec
-    assert not re.search(r"torch==|peft==|open_clip_torch==|animal-mnist==", superexec), "versions belong in pyproject.toml / setup.sh"
+    assert not re.search(r"torch==|peft==|open_clip_torch==|animal-mnist==", superexec), (
+        "versions belong in pyproject.toml / setup.sh"
+    )
     # Files that the base image's `app` user writes to are its own; no pip cache ships.
     assert "COPY --chown=app:app pyproject.toml" in superexec and "PIP_NO_CACHE_DIR=1" in superexec
     assert len(re.findall(r"^FROM ", superexec, re.M)) == 2, "a deps stage and a final stage"
@@ -271,30 +290,45 @@ def test_the_superexec_python_is_one_the_app_supports():
     python = re.search(r"^ARG PYTHON_VERSION=(3\.\d+)$", text, re.M).group(1)
     requires = PYPROJECT["project"]["requires-python"]
     assert SpecifierSet(requires).contains(f"{python}.0"), (
-        f"docker/superexec.Dockerfile runs Python {python}, pyproject.toml says requires-python = {requires!r}")
+        f"docker/superexec.Dockerfile runs Python {python}, pyproject.toml says requires-python = {requires!r}"
+    )
 
 
 def test_the_superexec_image_installs_exactly_the_apps_pins():
     run = functools.partial(subprocess.run, capture_output=True, text=True)
     wanted = run(["python", str(DOCKER / "requirements.py"), str(REPO / "pyproject.toml")], check=True).stdout.split()
     assert wanted == [d.replace(" ", "") for d in DEPS if not d.startswith("flwr")]
-    for name, version in (("torch", "2.14.1"), ("torchvision", "0.29.1"), ("open_clip_torch", "3.3.0"),
-                          ("peft", "0.21.2")):
+    for name, version in (
+        ("torch", "2.14.1"),
+        ("torchvision", "0.29.1"),
+        ("open_clip_torch", "3.3.0"),
+        ("peft", "0.21.2"),
+    ):
         assert f"{name}=={version}" in wanted and _pin(name) == version
     assert FLWR_VERSION == "1.41.0"
     # The default dataset's animals: installed without deps, exactly as setup.sh does.
-    no_deps = run(["python", str(DOCKER / "requirements.py"), "--no-deps", str(REPO / "scripts" / "setup.sh")],
-                  check=True).stdout.split()
+    no_deps = run(
+        ["python", str(DOCKER / "requirements.py"), "--no-deps", str(REPO / "scripts" / "setup.sh")], check=True
+    ).stdout.split()
     assert no_deps == ["animal-mnist==0.4"]
     assert '--no-deps "animal-mnist==0.4"' in (REPO / "scripts" / "setup.sh").read_text()
     # The check the image build runs passes in the venv built from the same pins.
-    verify = run([str(REPO / ".venv" / "bin" / "python"), str(DOCKER / "requirements.py"), "--verify",
-                  str(REPO / "pyproject.toml"), str(REPO / "scripts" / "setup.sh")])
+    verify = run(
+        [
+            str(REPO / ".venv" / "bin" / "python"),
+            str(DOCKER / "requirements.py"),
+            "--verify",
+            str(REPO / "pyproject.toml"),
+            str(REPO / "scripts" / "setup.sh"),
+        ]
+    )
     assert verify.returncode == 0, verify.stderr
 
 
 def test_dockerignore_sends_only_what_the_dockerfiles_copy():
-    patterns = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    patterns = [
+        ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
     assert patterns[0] == "*", "everything is excluded unless listed"
     allowed = {p[1:] for p in patterns[1:] if p.startswith("!")}
     copied = set()
@@ -356,7 +390,12 @@ def test_one_host_compose_gives_every_node_its_partition_port_network_state_and_
         m = mounts(app)
         assert m["/app/state"][0] in compose["volumes"] and m["/app/cache"][0] in compose["volumes"]
         assert m["/app/data"] == (f"{deploy_dir}/nodes/{i}/data", True)
-        for key, value in (("port", port), ("state", m["/app/state"][0]), ("data", m["/app/data"][0]), ("net", f"node-{i}")):
+        for key, value in (
+            ("port", port),
+            ("state", m["/app/state"][0]),
+            ("data", m["/app/data"][0]),
+            ("net", f"node-{i}"),
+        ):
             seen[key].add(value)
     assert all(len(v) == len(nodes) for v in seen.values()), seen
     # Each node network holds exactly its node pair.
@@ -412,8 +451,9 @@ def test_the_health_probe_tells_a_grpc_server_from_a_closed_port_and_another_pro
             return s.getsockname()[1]
 
     def probe(*addresses: str) -> int:
-        return subprocess.run([sys.executable, str(DOCKER / "healthcheck.py"), *addresses],
-                              capture_output=True, timeout=20).returncode
+        return subprocess.run(
+            [sys.executable, str(DOCKER / "healthcheck.py"), *addresses], capture_output=True, timeout=20
+        ).returncode
 
     grpc_port = free_port()
     server = run_health_server_grpc_no_tls(f"127.0.0.1:{grpc_port}")
@@ -456,17 +496,24 @@ def test_the_tls_overlay_turns_on_tls_and_node_auth_for_every_connection_to_the_
     cmd = link["command"]
     assert "--insecure" not in cmd and "--enable-supernode-auth" in cmd
     files = secret_files(compose, link)
-    for flag, name in (("--ssl-ca-certfile", "ca.crt"), ("--ssl-certfile", "server.pem"), ("--ssl-keyfile", "server.key"),
-                       ("--superexec-auth-secret-file", "superexec.secret")):
+    for flag, name in (
+        ("--ssl-ca-certfile", "ca.crt"),
+        ("--ssl-certfile", "server.pem"),
+        ("--ssl-keyfile", "server.key"),
+        ("--superexec-auth-secret-file", "superexec.secret"),
+    ):
         assert files[arg(cmd, flag)] == f"{certs}/{name}", flag
     # Everything but the TLS flags is the base command.
     base_cmd = base["superlink"]["command"]
-    assert cmd[cmd.index("--isolation"):] == base_cmd[base_cmd.index("--isolation"):]
+    assert cmd[cmd.index("--isolation") :] == base_cmd[base_cmd.index("--isolation") :]
 
     server = services["superexec-serverapp"]
     assert "--insecure" not in server["command"]
     assert secret_files(compose, server)[arg(server["command"], "--root-certificates")] == f"{certs}/ca.crt"
-    assert secret_files(compose, server)[arg(server["command"], "--superexec-auth-secret-file")] == f"{certs}/superexec.secret"
+    assert (
+        secret_files(compose, server)[arg(server["command"], "--superexec-auth-secret-file")]
+        == f"{certs}/superexec.secret"
+    )
 
     nodes = indexed(services, "supernode-")
     assert sorted(nodes) == sorted(indexed(base, "supernode-"))
@@ -503,8 +550,10 @@ def test_the_gpu_overlays_reserve_gpus_and_the_base_files_reserve_none(deploy_di
     base = resolve(("compose.yml",), env)["services"]
     gpu = yaml.safe_load((DEPLOY / "compose.gpu.yml").read_text())["services"]
     assert set(gpu) == {f"superexec-clientapp-{i}" for i in indexed(base, "superexec-clientapp-")}
-    for overlay, service in ((("compose.yml", "compose.tls.yml", "compose.gpu.yml"), "superexec-clientapp-0"),
-                             (("compose.client.yml", "compose.client.gpu.yml"), "superexec-clientapp")):
+    for overlay, service in (
+        (("compose.yml", "compose.tls.yml", "compose.gpu.yml"), "superexec-clientapp-0"),
+        (("compose.client.yml", "compose.client.gpu.yml"), "superexec-clientapp"),
+    ):
         svc = resolve(overlay, env)["services"][service]
         (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["device_ids"] == ["0"]
@@ -583,12 +632,21 @@ def test_scripts_ports_and_file_names_agree():
     for name in ("ca.crt", "server.pem", "server.key", "superexec.secret"):
         assert name in certs
     assert "IP:127.0.0.1" in certs, "the SuperLink's own SuperExec dials 127.0.0.1"
-    assert 'supernode-$i' in (DEPLOY / "keys.sh").read_text() and "ecdsa -b 384" in (DEPLOY / "keys.sh").read_text()
+    assert "supernode-$i" in (DEPLOY / "keys.sh").read_text() and "ecdsa -b 384" in (DEPLOY / "keys.sh").read_text()
     start = (DEPLOY / "start.sh").read_text()
-    for needle in ("--enable-supernode-auth", "--disable-runtime-dependency-installation", '"$CERT_DIR/server.pem"',
-                   '"$CERT_DIR/server.key"', '"$CERT_DIR/ca.crt"', '--root-certificates "$CERT_DIR/ca.crt"',
-                   '--auth-supernode-private-key "$KEY_DIR/supernode-$i"', "$((SUPERNODE_PORT_BASE + $1))", "partition-id=$i num-partitions=$n",
-                   "state-dir='$node_dir/state'", "flwr supernode register"):
+    for needle in (
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        '"$CERT_DIR/server.pem"',
+        '"$CERT_DIR/server.key"',
+        '"$CERT_DIR/ca.crt"',
+        '--root-certificates "$CERT_DIR/ca.crt"',
+        '--auth-supernode-private-key "$KEY_DIR/supernode-$i"',
+        "$((SUPERNODE_PORT_BASE + $1))",
+        "partition-id=$i num-partitions=$n",
+        "state-dir='$node_dir/state'",
+        "flwr supernode register",
+    ):
         assert needle in start, needle
     for script in sorted(DEPLOY.glob("*.sh")):
         assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, script
@@ -609,10 +667,11 @@ def _fake_tree(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
     (bin_dir / "flwr").write_text(
         "#!/usr/bin/env bash\n"
         f'printf "%s\\n" "$*" >> {calls}\n'
-        'case $1 in\n'
+        "case $1 in\n"
         '  run) echo "Successfully started run 42" ;;\n'
         '  ls) echo \'{"runs": [{"status": "finished:completed"}]}\' ;;\n'
-        'esac\n')
+        "esac\n"
+    )
     (bin_dir / "flwr").chmod(0o755)
     (bin_dir / "python").symlink_to(shutil.which("python3"))
     deploy_dir = tmp_path / "deploy-dir"
@@ -628,8 +687,13 @@ def test_run_sh_passes_output_dir_once_and_creates_nothing_on_the_cli_host(tmp_p
     def run_sh(overrides: str) -> str:
         if calls.exists():
             calls.unlink()
-        out = subprocess.run(["bash", str(repo / "deploy" / "run.sh"), overrides],
-                             env={**env, "OUTPUT_DIR": "/app/outputs"}, capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["bash", str(repo / "deploy" / "run.sh"), overrides],
+            env={**env, "OUTPUT_DIR": "/app/outputs"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         return calls.read_text().splitlines()[0]
 
@@ -638,7 +702,9 @@ def test_run_sh_passes_output_dir_once_and_creates_nothing_on_the_cli_host(tmp_p
     assert not (Path(env["DEPLOY_DIR"]) / "outputs").exists()
     # An output-dir among the overrides replaces OUTPUT_DIR: the key is passed once.
     first = run_sh("output-dir='/srv/out' train.rounds=1")
-    assert first.count("output-dir=") == 1 and first.endswith("--run-config output-dir='/srv/out' train.rounds=1"), first
+    assert first.count("output-dir=") == 1 and first.endswith("--run-config output-dir='/srv/out' train.rounds=1"), (
+        first
+    )
 
 
 def _unit(name: str) -> str:
@@ -649,9 +715,13 @@ def test_systemd_units_match_the_scripts():
     link = _unit("fedpurel-superlink.service")
     node = _unit("fedpurel-supernode@.service")
     assert f"SUPERLINK_PORT={SUPERLINK_PORT}" in link and f"SUPERNODE_PORT={SUPERNODE_PORT_BASE}" in node
-    for flag in ("--enable-supernode-auth", "--disable-runtime-dependency-installation",
-                 "--ssl-ca-certfile /var/lib/fedpurel/certs/ca.crt", "--ssl-certfile /var/lib/fedpurel/certs/server.pem",
-                 "--ssl-keyfile /var/lib/fedpurel/certs/server.key"):
+    for flag in (
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--ssl-ca-certfile /var/lib/fedpurel/certs/ca.crt",
+        "--ssl-certfile /var/lib/fedpurel/certs/server.pem",
+        "--ssl-keyfile /var/lib/fedpurel/certs/server.key",
+    ):
         assert flag in link
     assert "--insecure" not in link and "--insecure" not in node
     assert "--root-certificates /var/lib/fedpurel/certs/ca.crt" in node

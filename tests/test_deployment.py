@@ -40,12 +40,16 @@ REPO = Path(__file__).resolve().parent.parent
 FLWR = REPO / ".venv" / "bin" / "flwr"
 FEDPUREL = REPO / ".venv" / "bin" / "fedpurel"
 NUM_NODES = 3
-TINY = ("train.rounds=2 personalize.rounds=1 train.local-epochs=1 personalize.epochs=1 data.client-test-size=30 "
-        "train.fraction=0.67 train.min-nodes=3")
+TINY = (
+    "train.rounds=2 personalize.rounds=1 train.local-epochs=1 personalize.epochs=1 data.client-test-size=30 "
+    "train.fraction=0.67 train.min-nodes=3"
+)
 # (b): one Stage-1 round; train.min-nodes=2 so that the rounds after the kill go on with two nodes;
 # round-timeout bounds the wait should heartbeat detection ever fail.
-KILL_RUN = ("train.rounds=1 personalize.rounds=0 train.local-epochs=1 data.client-test-size=30 train.min-nodes=2 "
-            "round-timeout=150")
+KILL_RUN = (
+    "train.rounds=1 personalize.rounds=0 train.local-epochs=1 data.client-test-size=30 train.min-nodes=2 "
+    "round-timeout=150"
+)
 
 
 class Federation:
@@ -54,11 +58,16 @@ class Federation:
         self.env = loopback_env(root, NUM_NODES)
         self.timings: dict[str, float] = {}
 
-    def script(self, name: str, *args: str, timeout: float = 600,
-               env: dict | None = None) -> subprocess.CompletedProcess:
+    def script(
+        self, name: str, *args: str, timeout: float = 600, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
         return subprocess.run(
-            ["bash", str(REPO / "deploy" / name), *args], cwd=REPO, env=env or self.env,
-            capture_output=True, text=True, timeout=timeout,
+            ["bash", str(REPO / "deploy" / name), *args],
+            cwd=REPO,
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     def flwr(self, *args: str) -> subprocess.CompletedProcess:
@@ -105,8 +114,11 @@ def test_clientapp_message_start_cost(request):
     """What every ClientApp message pays in deployment before training: a fresh process
     importing the ClientApp (torch, open_clip, flwr), building its model and its first optimizer."""
     imports, build, optimizer, wall = message_start_cost()
-    _report(request.config, f"\n[clientapp message start] fresh process: imports {imports:.1f}s, "
-            f"model build {build:.1f}s, first optimizer {optimizer:.1f}s, wall {wall:.1f}s")
+    _report(
+        request.config,
+        f"\n[clientapp message start] fresh process: imports {imports:.1f}s, "
+        f"model build {build:.1f}s, first optimizer {optimizer:.1f}s, wall {wall:.1f}s",
+    )
     assert 0 < imports + build + optimizer < wall < 240
 
 
@@ -126,17 +138,31 @@ def fed(tmp_path_factory, request):
     # Each node's own data: its partition of the embedded dataset, written as a data-dir.
     for i in range(NUM_NODES):
         export = subprocess.run(
-            [str(FEDPUREL), "node-data", str(federation.dir / "data" / str(i)),
-             "--partition-id", str(i), "--num-partitions", str(NUM_NODES), "--set", "data.client-test-size=30"],
-            cwd=REPO, env=federation.env, capture_output=True, text=True, timeout=300,
+            [
+                str(FEDPUREL),
+                "node-data",
+                str(federation.dir / "data" / str(i)),
+                "--partition-id",
+                str(i),
+                "--num-partitions",
+                str(NUM_NODES),
+                "--set",
+                "data.client-test-size=30",
+            ],
+            cwd=REPO,
+            env=federation.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert export.returncode == 0, export.stdout + export.stderr
     federation.env["NODE_DATA_ROOT"] = str(federation.dir / "data")
     t0 = time.monotonic()
     out = federation.script("start.sh", str(NUM_NODES), timeout=300)
     federation.timings["start"] = time.monotonic() - t0
-    assert out.returncode == 0, out.stdout + out.stderr + "".join(
-        federation.log(n) for n in ("superlink", "supernode-0"))
+    assert out.returncode == 0, (
+        out.stdout + out.stderr + "".join(federation.log(n) for n in ("superlink", "supernode-0"))
+    )
     return federation
 
 
@@ -214,8 +240,12 @@ def test_the_app_runs_end_to_end_on_the_deployed_federation(fed):
     out_dir = fed.dir / "outputs-e2e"
     t0 = time.monotonic()
     proc = subprocess.run(
-        ["bash", str(REPO / "deploy" / "run.sh"), TINY], cwd=REPO,
-        env={**fed.env, "OUTPUT_DIR": str(out_dir)}, capture_output=True, text=True, timeout=900,
+        ["bash", str(REPO / "deploy" / "run.sh"), TINY],
+        cwd=REPO,
+        env={**fed.env, "OUTPUT_DIR": str(out_dir)},
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     fed.timings["run (a)"] = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -262,8 +292,12 @@ def test_a_supernode_killed_during_stage_1_and_the_run_completes_with_the_others
     assert victim_id in fed.online()
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        ["bash", str(REPO / "deploy" / "run.sh"), KILL_RUN], cwd=REPO,
-        env={**fed.env, "OUTPUT_DIR": str(out_dir)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ["bash", str(REPO / "deploy" / "run.sh"), KILL_RUN],
+        cwd=REPO,
+        env={**fed.env, "OUTPUT_DIR": str(out_dir)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     lines: list[str] = []
     killed_at = None
@@ -317,8 +351,12 @@ def test_a_restarted_supernode_keeps_its_phi_k_on_disk(fed):
     before = hashlib.sha256(phi_k.read_bytes()).hexdigest()
     out_dir = fed.dir / "outputs-restart"
     proc = subprocess.run(
-        ["bash", str(REPO / "deploy" / "run.sh"), KILL_RUN.replace("train.min-nodes=2", "train.min-nodes=3")], cwd=REPO,
-        env={**fed.env, "OUTPUT_DIR": str(out_dir)}, capture_output=True, text=True, timeout=900,
+        ["bash", str(REPO / "deploy" / "run.sh"), KILL_RUN.replace("train.min-nodes=2", "train.min-nodes=3")],
+        cwd=REPO,
+        env={**fed.env, "OUTPUT_DIR": str(out_dir)},
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     pm = _results(out_dir)["final"]["pm"]
@@ -340,11 +378,17 @@ def test_a_supernode_restarted_between_rounds_continues_from_its_phi_k(fed):
     out_dir = fed.dir / "outputs-between-rounds"
     # Enough personal rounds (one message per node each) for the restarted node to be back
     # online before the last one: the SuperLink takes up to a minute to let its key in again.
-    run = ("train.rounds=1 personalize.rounds=12 train.local-epochs=1 personalize.epochs=1 data.client-test-size=30 "
-           "train.min-nodes=2 round-timeout=120 seed=7")
+    run = (
+        "train.rounds=1 personalize.rounds=12 train.local-epochs=1 personalize.epochs=1 data.client-test-size=30 "
+        "train.min-nodes=2 round-timeout=120 seed=7"
+    )
     proc = subprocess.Popen(
-        ["bash", str(REPO / "deploy" / "run.sh"), run], cwd=REPO,
-        env={**fed.env, "OUTPUT_DIR": str(out_dir)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ["bash", str(REPO / "deploy" / "run.sh"), run],
+        cwd=REPO,
+        env={**fed.env, "OUTPUT_DIR": str(out_dir)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     lines: list[str] = []
     state: dict = {}
@@ -386,9 +430,10 @@ def test_a_supernode_restarted_between_rounds_continues_from_its_phi_k(fed):
     assert "back" in state, "the restarted node never came back online:\n" + fed.log(f"supernode-{victim}")[-3000:]
     # The restarted node (a fresh context.state) restored phi_k from its state-dir in its first
     # message after the restart; the others still held theirs in their context.state.
-    after = "".join(lines[state["back_line"]:])
-    assert re.search(r"round \d+ personalization: 1 of 3 clients restored their private state", after), \
-        after[-3000:] + fed.log(f"supernode-{victim}")[state["log_offset"]:][-3000:]
+    after = "".join(lines[state["back_line"] :])
+    assert re.search(r"round \d+ personalization: 1 of 3 clients restored their private state", after), (
+        after[-3000:] + fed.log(f"supernode-{victim}")[state["log_offset"] :][-3000:]
+    )
     assert hashlib.sha256(phi_k.read_bytes()).hexdigest() != state["saved"], "the restarted node never trained again"
     pm = _results(out_dir)["final"]["pm"]
     assert pm["num_clients"] == NUM_NODES and pm["personalized_clients"] == NUM_NODES

@@ -22,8 +22,12 @@ def run_app(tmp_path: Path, overrides: str) -> tuple[subprocess.CompletedProcess
         "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": "300000000",
     }
     proc = subprocess.run(
-        ["bash", "scripts/run.sh", overrides], cwd=REPO, env=env,
-        capture_output=True, text=True, timeout=600,
+        ["bash", "scripts/run.sh", overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     return proc, out
 
@@ -64,16 +68,21 @@ def test_default_schedule_writes_complete_results(tmp_path):
     assert all("wall_time" in r for r in results["rounds"])
     assert "zero-shot" in proc.stdout and "results:" in proc.stdout
     # Progress: one concise line per round with its phase, accuracy and elapsed time.
-    progress = re.findall(r"\[fedpurel\] round (\d)/3 (global|personal) +(GM|PM) all +\d+\.\d.*\| *\d+\.\ds",
-                          proc.stdout)
-    assert [(r, p) for r, p, _ in progress] == [("1", "global"), ("2", "global"), ("3", "personal")], \
-        proc.stdout[-3000:]
+    progress = re.findall(
+        r"\[fedpurel\] round (\d)/3 (global|personal) +(GM|PM) all +\d+\.\d.*\| *\d+\.\ds", proc.stdout
+    )
+    assert [(r, p) for r, p, _ in progress] == [("1", "global"), ("2", "global"), ("3", "personal")], proc.stdout[
+        -3000:
+    ]
     assert flower_processes(tmp_path / "flwr-home") == [], "processes left running"
 
 
 def test_interleaved_schedule_with_kl_and_flat_purification(tmp_path):
-    proc, out = run_app(tmp_path, SMALL + " method.fedpurel-kl.schedule='interleaved' method.name='fedpurel-kl'"
-                              " method.fedpurel-kl.granularity='flat'")
+    proc, out = run_app(
+        tmp_path,
+        SMALL + " method.fedpurel-kl.schedule='interleaved' method.name='fedpurel-kl'"
+        " method.fedpurel-kl.granularity='flat'",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = only_results(out)
     assert [r["phase"] for r in results["rounds"]] == ["global", "global"]
@@ -133,8 +142,14 @@ def test_progress_lines_show_as_they_are_logged_whatever_the_environment(tmp_pat
     }
     env.pop("PYTHONUNBUFFERED", None)
     overrides = SMALL + " train.local-epochs=25 personalize.epochs=25"
-    proc = subprocess.Popen(["bash", "scripts/run.sh", overrides], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", "scripts/run.sh", overrides],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     arrived, logged, lines = {}, {}, []
     for line in proc.stdout:
         lines.append(line)

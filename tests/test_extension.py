@@ -82,8 +82,11 @@ class Counting(Method):
         cfg = self.cfg
         base = standard_plan(cfg.train.rounds, cfg.personalize.rounds, cfg.eval_every)
         # its own plan: every personalization step also evaluates PM
-        return RoundPlan(tuple(Step(s.round, s.phase, s.train, s.personalize, s.gm, s.pm or s.phase == "personal")
-                               for s in base.steps))
+        return RoundPlan(
+            tuple(
+                Step(s.round, s.phase, s.train, s.personalize, s.gm, s.pm or s.phase == "personal") for s in base.steps
+            )
+        )
 
     def personal_logits(self, peft, x):
         return peft.private_logits(x)
@@ -115,9 +118,17 @@ def registered():
     METHODS.unregister("counting")
 
 
-RUN = {**SMALL_RUN, "peft.name": "shift", "method.name": "counting", "peft.shift.lr": 0.5,
-       "train.rounds": 2, "personalize.rounds": 3, "train.min-nodes": 3, "data.client-test-size": 20,
-       "method.counting.every": 1}
+RUN = {
+    **SMALL_RUN,
+    "peft.name": "shift",
+    "method.name": "counting",
+    "peft.shift.lr": 0.5,
+    "train.rounds": 2,
+    "personalize.rounds": 3,
+    "train.min-nodes": 3,
+    "data.client-test-size": 20,
+    "method.counting.every": 1,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -171,8 +182,11 @@ def test_they_run_through_the_real_round_loop_and_a_restarted_node_keeps_its_pri
     run_server(resumed, fresh)
     for context in fresh.contexts.values():
         assert int(context.state.array_records["fedpurel.method-state"]["rounds"].numpy()) == 3
-    restored = [json.loads(json.dumps(dict(r.content.metric_records["metrics"]))) for r in fresh.received
-                if r.metadata.message_type == "train.personalize"]
+    restored = [
+        json.loads(json.dumps(dict(r.content.metric_records["metrics"])))
+        for r in fresh.received
+        if r.metadata.message_type == "train.personalize"
+    ]
     assert sum(r["restored"] for r in restored) == nodes, "every restarted node restores its phi_k once"
     again = json.loads((run_dir / "results.json").read_text())
     assert again["final"]["pm"] == results["final"]["pm"]

@@ -35,8 +35,9 @@ class FaultyGrid(DirectGrid):
         if fault == "crash":
             return Message(Error(code=0, reason="ClientApp raised RuntimeError"), reply_to=msg)
         if fault == "user-error":
-            return Message(Error(code=protocol.USER_ERROR, reason="NodeDataError: data-dir '/x' is empty"),
-                           reply_to=msg)
+            return Message(
+                Error(code=protocol.USER_ERROR, reason="NodeDataError: data-dir '/x' is empty"), reply_to=msg
+            )
         reply = super().reply(msg)
         if fault == "nan":
             arrays = reply.content["arrays"].to_torch_state_dict()
@@ -57,10 +58,10 @@ def test_a_run_survives_crashing_silent_and_poisoned_clients(tmp_path, caplog):
     results = json.loads((only_run_dir(tmp_path) / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3, 4, 5]
     assert all(torch.isfinite(torch.tensor(v)).all() for v in [results["final"]["gm"]["all"]])
-    assert results["rounds"][0]["train"]["clients"] == 3           # sent to all three ...
-    assert results["zero_shot"]["pm"]["num_clients"] == 2       # the silent client is left out
-    assert results["rounds"][3]["pm"]["num_clients"] == 2       # the crashed one too
-    assert results["rounds"][4]["pm"]["num_clients"] == 3       # and back in the next round
+    assert results["rounds"][0]["train"]["clients"] == 3  # sent to all three ...
+    assert results["zero_shot"]["pm"]["num_clients"] == 2  # the silent client is left out
+    assert results["rounds"][3]["pm"]["num_clients"] == 2  # the crashed one too
+    assert results["rounds"][4]["pm"]["num_clients"] == 3  # and back in the next round
     assert "node 100" in caplog.text and "node 101" in caplog.text and "NaN" in caplog.text
     assert "no reply from node(s) [102]" in caplog.text
 
@@ -71,15 +72,18 @@ def test_a_round_where_every_update_is_bad_stops_with_one_message(tmp_path):
     with pytest.raises(RuntimeError, match="round 1: only 0 valid client update"):
         run_server(config, FaultyGrid(config, faults))
     state = json.loads((only_run_dir(tmp_path) / "checkpoint" / "state.json").read_text())
-    assert (state["step"], state["round"], state["phase"]) == (0, 0, "zero-shot"), \
+    assert (state["step"], state["round"], state["phase"]) == (0, 0, "zero-shot"), (
         "no checkpoint of a round that did not complete (only of the zero-shot step before it)"
+    )
 
 
 def test_every_client_stopping_on_its_own_user_error_ends_the_run_with_its_message(tmp_path):
     config = {**RUN, "output-dir": str(tmp_path)}
     faults = {(100 + i, MessageType.EVALUATE, 0): "user-error" for i in range(3)}
-    with pytest.raises(ClientError, match="every client that replied stopped on an error of its own: "
-                                          "NodeDataError: data-dir '/x' is empty"):
+    with pytest.raises(
+        ClientError,
+        match="every client that replied stopped on an error of its own: NodeDataError: data-dir '/x' is empty",
+    ):
         run_server(config, FaultyGrid(config, faults))
 
 
@@ -101,18 +105,24 @@ from hypothesis import strategies as st  # noqa: E402
 from fedpurel_app.protocol import EvaluateReply, Instruction  # noqa: E402
 from server_app.strategy import FedPuReLStrategy, metrics_of  # noqa: E402
 
-ARRAYS = st.one_of(st.just({"ctx": ((2, 3), torch.float32, 1.0)}), st.dictionaries(
-    st.sampled_from(["ctx", "phi_k.ctx", "other"]),
-    st.tuples(
-        st.sampled_from([(2, 3), (3, 2), (6,), ()]),
-        st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64]),
-        st.sampled_from([0.0, 1.0, -1e30, float("nan"), float("inf")]),
+ARRAYS = st.one_of(
+    st.just({"ctx": ((2, 3), torch.float32, 1.0)}),
+    st.dictionaries(
+        st.sampled_from(["ctx", "phi_k.ctx", "other"]),
+        st.tuples(
+            st.sampled_from([(2, 3), (3, 2), (6,), ()]),
+            st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64]),
+            st.sampled_from([0.0, 1.0, -1e30, float("nan"), float("inf")]),
+        ),
+        max_size=3,
     ),
-    max_size=3,
-))
+)
 COUNTS = st.one_of(
-    st.none(), st.integers(-5, 10**13), st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from([float("inf"), float("-inf"), float("nan"), 1e308, 0.5, 1000.0]), st.just([1, 2]),
+    st.none(),
+    st.integers(-5, 10**13),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([float("inf"), float("-inf"), float("nan"), 1e308, 0.5, 1000.0]),
+    st.just([1, 2]),
 )
 PARTITIONS = st.one_of(st.just(0), st.none(), st.integers(-2, 5), st.sampled_from([0.5, float("nan"), [0]]))
 
@@ -121,13 +131,18 @@ PARTITIONS = st.one_of(st.just(0), st.none(), st.integers(-2, 5), st.sampled_fro
 @given(arrays=ARRAYS, count=COUNTS, n_records=st.sampled_from([1, 1, 0, 2]), partition=PARTITIONS)
 def test_any_stage1_reply_is_either_a_clean_update_or_dropped_with_a_reason(arrays, count, n_records, partition):
     strategy = FedPuReLStrategy({"ctx": (2, 3)}, max_examples=1000)
-    request = Message(RecordDict({"arrays": ArrayRecord({"ctx": torch.zeros(2, 3)}),
-                                  "config": ConfigRecord(Instruction(1).to_config())}),
-                      dst_node_id=5, message_type=MessageType.TRAIN)
+    request = Message(
+        RecordDict(
+            {"arrays": ArrayRecord({"ctx": torch.zeros(2, 3)}), "config": ConfigRecord(Instruction(1).to_config())}
+        ),
+        dst_node_id=5,
+        message_type=MessageType.TRAIN,
+    )
     content = RecordDict()
     for i in range(n_records):
         content[f"arrays{i}"] = ArrayRecord(
-            {k: torch.full(shape, value).to(dtype) for k, (shape, dtype, value) in arrays.items()})
+            {k: torch.full(shape, value).to(dtype) for k, (shape, dtype, value) in arrays.items()}
+        )
     values = {"num-examples": count, "partition-id": partition}
     content["metrics"] = MetricRecord({k: v for k, v in values.items() if v is not None})
     reply = Message(content, reply_to=request)
@@ -142,10 +157,15 @@ def test_any_stage1_reply_is_either_a_clean_update_or_dropped_with_a_reason(arra
 def test_the_fuzzed_reply_space_holds_clean_updates():
     """The fuzz above reaches its clean branch: a well-formed reply has no problem."""
     strategy = FedPuReLStrategy({"ctx": (2, 3)}, max_examples=1000)
-    request = Message(RecordDict({"config": ConfigRecord(Instruction(1).to_config())}), dst_node_id=5,
-                      message_type=MessageType.TRAIN)
-    content = RecordDict({"arrays": ArrayRecord({"ctx": torch.ones(2, 3)}),
-                          "metrics": MetricRecord({"num-examples": 10, "partition-id": 0})})
+    request = Message(
+        RecordDict({"config": ConfigRecord(Instruction(1).to_config())}), dst_node_id=5, message_type=MessageType.TRAIN
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"ctx": torch.ones(2, 3)}),
+            "metrics": MetricRecord({"num-examples": 10, "partition-id": 0}),
+        }
+    )
     assert strategy.reply_problem(Message(content, reply_to=request)) is None
 
 
@@ -154,15 +174,26 @@ CLASSES = 20
 
 
 def _evaluation_reply(node: int = 9, **changes) -> Message:
-    request = Message(RecordDict({"config": ConfigRecord(Instruction(1).to_config())}), dst_node_id=node,
-                      message_type=MessageType.EVALUATE)
+    request = Message(
+        RecordDict({"config": ConfigRecord(Instruction(1).to_config())}),
+        dst_node_id=node,
+        message_type=MessageType.EVALUATE,
+    )
     total = [1, 1] + [0] * (CLASSES - 2)
-    good = {"num-examples": 2, "partition-id": 0, "restored": 0, "personalized": 1,
-            "pm-correct": [1, 1] + [0] * (CLASSES - 2), "gm-correct": [0, 1] + [0] * (CLASSES - 2),
-            "zs-correct": [1, 0] + [0] * (CLASSES - 2), "class-total": total}
+    good = {
+        "num-examples": 2,
+        "partition-id": 0,
+        "restored": 0,
+        "personalized": 1,
+        "pm-correct": [1, 1] + [0] * (CLASSES - 2),
+        "gm-correct": [0, 1] + [0] * (CLASSES - 2),
+        "zs-correct": [1, 0] + [0] * (CLASSES - 2),
+        "class-total": total,
+    }
     good.update(changes)
-    return Message(RecordDict({"metrics": MetricRecord({k: v for k, v in good.items() if v is not None})}),
-                   reply_to=request)
+    return Message(
+        RecordDict({"metrics": MetricRecord({k: v for k, v in good.items() if v is not None})}), reply_to=request
+    )
 
 
 BAD_EVALUATIONS = {

@@ -166,8 +166,9 @@ def test_client_test_capped_by_available():
 
 
 # ---------------------------------------------------------------- build_fedlt
-ARGS = dict(num_classes=10, num_clients=5, n_max=150, imbalance_factor=10,
-            alpha=0.5, min_samples=10, client_test_size=100)
+ARGS = dict(
+    num_classes=10, num_clients=5, n_max=150, imbalance_factor=10, alpha=0.5, min_samples=10, client_test_size=100
+)
 
 
 def _build(seed):
@@ -216,8 +217,9 @@ def test_build_fedlt_stable_across_processes():
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=root, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True
+    ).stdout.strip()
     _, _, s = _build(0)
     here = ";".join(",".join(map(str, c.tolist())) for c in s.client_train + s.client_test)
     assert out == here

@@ -86,12 +86,32 @@ def test_fedlt_on_folder_pool(tmp_path):
     b = load_tiny(tmp_path)
     assert max_feasible_n_max(b.train.labels, 3, 2.5) == 5  # [5, 3, 2] fits exactly
     assert max_feasible_n_max(b.train.labels, 3, 1.0) == 2
-    split = build_fedlt(b.train.labels, b.test.labels, 3, num_clients=2, n_max=5, imbalance_factor=2.5,
-                        alpha=1.0, min_samples=1, client_test_size=4, seed=0)
+    split = build_fedlt(
+        b.train.labels,
+        b.test.labels,
+        3,
+        num_clients=2,
+        n_max=5,
+        imbalance_factor=2.5,
+        alpha=1.0,
+        min_samples=1,
+        client_test_size=4,
+        seed=0,
+    )
     assert split.class_counts.tolist() == [5, 3, 2] and len(split.train_indices) == 10
     with pytest.raises(DataError, match="lower data.n-max"):
-        build_fedlt(b.train.labels, b.test.labels, 3, num_clients=2, n_max=6, imbalance_factor=2.5,
-                    alpha=1.0, min_samples=1, client_test_size=4, seed=0)
+        build_fedlt(
+            b.train.labels,
+            b.test.labels,
+            3,
+            num_clients=2,
+            n_max=6,
+            imbalance_factor=2.5,
+            alpha=1.0,
+            min_samples=1,
+            client_test_size=4,
+            seed=0,
+        )
 
 
 def test_wnid_prefix_val_fallback_and_subdir(tmp_path):

@@ -257,8 +257,10 @@ def test_targets_are_configurable(clip, classnames):
     assert len(two.global_state()) == 2 * 2 * 2
     regex = LoraPeft(clip, classnames, targets=r"re:transformer\.resblocks\.1\.(attn\.out_proj|mlp\.c_fc)")
     assert sorted(k.split("resblocks.")[1] for k in regex.global_state()) == [
-        "1.attn.out_proj.lora_A.weight", "1.attn.out_proj.lora_B.weight",
-        "1.mlp.c_fc.lora_A.weight", "1.mlp.c_fc.lora_B.weight",
+        "1.attn.out_proj.lora_A.weight",
+        "1.attn.out_proj.lora_B.weight",
+        "1.mlp.c_fc.lora_A.weight",
+        "1.mlp.c_fc.lora_B.weight",
     ]
     with pytest.raises(ValueError, match="q_proj"):  # the message lists the tower's Linear names
         LoraPeft(clip, classnames, targets="query")

@@ -44,8 +44,10 @@ def test_every_method_named_in_the_issue_is_registered():
 
 def test_each_method_plans_and_purifies_as_it_declares(small_cfg, client):
     """A method's plan (what the server runs) and its Stage-1 anchor (what a step does)."""
-    plans = {name: build_method(cfg_of(**{"method.name": name})).plan().steps
-             for name in ("zero-shot", "promptfl", "fedpurel", "pft")}
+    plans = {
+        name: build_method(cfg_of(**{"method.name": name})).plan().steps
+        for name in ("zero-shot", "promptfl", "fedpurel", "pft")
+    }
     assert [s.phase for s in plans["zero-shot"]] == ["zero-shot"]
     for name in ("promptfl", "fedpurel", "pft"):
         assert [s.round for s in plans[name] if s.train] == [1, 2]
@@ -78,6 +80,7 @@ def test_a_built_method_carries_its_name_and_its_own_options():
 
 # --- logit adjustment (Menon et al. 2021, eq. 10) ---
 
+
 def test_log_prior_of_counts_and_of_an_empty_class():
     assert torch.allclose(log_prior(np.array([3, 1])), torch.log(torch.tensor([0.75, 0.25])))
     assert torch.allclose(log_prior(np.array([3.5, 0])), torch.log(torch.tensor([3.5 / 4, 0.5 / 4])))
@@ -93,6 +96,7 @@ def test_logit_adjusted_loss_by_hand():
 
 
 # --- Fed-GraB's gradient balancer ---
+
 
 def test_tail_classes_are_those_below_the_uniform_prior():
     assert tail_classes(np.array([100, 10, 1])).tolist() == [False, True, True]
@@ -148,6 +152,7 @@ def test_a_method_that_needs_the_prior_says_so_without_it(small_cfg):
 
 
 # --- methods on the embedded model ---
+
 
 @pytest.fixture(scope="module")
 def client(small_cfg):

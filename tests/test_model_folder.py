@@ -15,8 +15,11 @@ def test_a_checkpoint_folder_gives_the_same_model_as_its_file(small_cfg, tmp_pat
     folder = tmp_path / "my-clip"
     folder.mkdir()
     model_cfg = json.loads((CONFIG_DIR / "fedpurel-tiny.json").read_text())
-    preprocess_cfg = {"size": model_cfg["vision_cfg"]["image_size"], "mean": [0.48145466, 0.4578275, 0.40821073],
-                      "std": [0.26862954, 0.26130258, 0.27577711]}
+    preprocess_cfg = {
+        "size": model_cfg["vision_cfg"]["image_size"],
+        "mean": [0.48145466, 0.4578275, 0.40821073],
+        "std": [0.26862954, 0.26130258, 0.27577711],
+    }
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
     (folder / "open_clip_config.json").write_text(json.dumps(config))
     weights = {k: v.contiguous() for k, v in reference.model.state_dict().items()}

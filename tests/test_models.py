@@ -56,9 +56,7 @@ def quick_bundle(mnist):
     idx = np.concatenate([np.flatnonzero(lab == c)[:PER_CLASS] for c in range(len(mnist.classnames))])
     tlab = np.asarray(mnist.test.labels)
     tidx = np.concatenate([np.flatnonzero(tlab == c)[:5] for c in range(len(mnist.classnames))])
-    return dataclasses.replace(
-        mnist, pretrain=mnist.pretrain.subset(idx), test=mnist.test.subset(tidx)
-    )
+    return dataclasses.replace(mnist, pretrain=mnist.pretrain.subset(idx), test=mnist.test.subset(tidx))
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +80,11 @@ def test_config_ships_and_registers():
     assert cfg is not None and {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg)
     tok = open_clip.get_tokenizer(TINY)
     # a CoOp prompt and the longest caption fit with SOT and EOT (no truncation)
-    for text in ["X X X X digit seven.", "an image of the handwritten number seven.",
-                 "a low resolution photo of a digit seven."]:
+    for text in [
+        "X X X X digit seven.",
+        "an image of the handwritten number seven.",
+        "a low resolution photo of a digit seven.",
+    ]:
         ids = tok([text])[0]
         assert int((ids != 0).sum()) < cfg["text_cfg"]["context_length"], text
 
@@ -133,14 +134,21 @@ def test_second_call_reuses_the_file(quick_bundle, quick_ckpt, monkeypatch):
     monkeypatch.setattr(pretrain_mod, "pretrain_clip", no_training)
     cache = quick_ckpt.parent
     assert ensure_embedded_checkpoint(TINY, quick_bundle, cache, seed=0, epochs=QUICK_EPOCHS) == quick_ckpt
-    clip = create_clip(TINY, "embedded", cache_dir=str(cache), device="cpu",
-                       pretrain_dataset=quick_bundle, pretrain_epochs=QUICK_EPOCHS)
+    clip = create_clip(
+        TINY,
+        "embedded",
+        cache_dir=str(cache),
+        device="cpu",
+        pretrain_dataset=quick_bundle,
+        pretrain_epochs=QUICK_EPOCHS,
+    )
     assert clip.checkpoint == str(quick_ckpt)
     assert quick_ckpt.stat().st_mtime_ns == mtime
     # the environment variable picks the default cache directory
     monkeypatch.setenv("FEDPUREL_CACHE", str(cache))
-    assert create_clip(TINY, device="cpu", pretrain_dataset=quick_bundle,
-                       pretrain_epochs=QUICK_EPOCHS).checkpoint == str(quick_ckpt)
+    assert create_clip(
+        TINY, device="cpu", pretrain_dataset=quick_bundle, pretrain_epochs=QUICK_EPOCHS
+    ).checkpoint == str(quick_ckpt)
 
 
 def _concurrent_worker(cache: str, barrier, queue) -> None:
@@ -211,8 +219,7 @@ def test_default_recipe_zero_shot_accuracy(mnist, tmp_path):
     """The default embedded model: zero-shot ~0.8 on the balanced mnist test set (measured
     0.83 / 0.81 / 0.83 for seeds 0 / 1 / 2): good enough to start from, far from perfect."""
     t0 = time.perf_counter()
-    clip = create_clip(TINY, "embedded", cache_dir=str(tmp_path), device="cpu",
-                       pretrain_dataset=mnist, seed=0)
+    clip = create_clip(TINY, "embedded", cache_dir=str(tmp_path), device="cpu", pretrain_dataset=mnist, seed=0)
     seconds = time.perf_counter() - t0
     feats = encode_images(clip, mnist.test)
     assert feats.shape == (len(mnist.test), 64) and feats.dtype == torch.float32
@@ -325,8 +332,14 @@ def _fresh_python(code: str) -> dict[str, str]:
     import sys
 
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
 

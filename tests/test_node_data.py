@@ -53,8 +53,10 @@ def node_dir(tmp_path_factory, small_cfg):
 
 def test_node_data_refuses_a_bad_run_config_or_partition(tmp_path, capsys):
     out = tmp_path / "never"
-    assert fedpurel(["node-data", str(out), "--partition-id", "0", "--num-partitions", "4",
-                     "--set", "train.roundz=2"]) == 2
+    assert (
+        fedpurel(["node-data", str(out), "--partition-id", "0", "--num-partitions", "4", "--set", "train.roundz=2"])
+        == 2
+    )
     assert "unknown key 'train.roundz' (did you mean 'train.rounds'?)" in capsys.readouterr().err
     assert fedpurel(["node-data", str(out), "--partition-id", "4", "--num-partitions", "4"]) == 2
     assert "partition-id (4) must be smaller than num-partitions (4)" in capsys.readouterr().err
@@ -88,10 +90,16 @@ def test_node_data_gives_the_same_features_as_the_partition(node_dir, small_cfg)
         (lambda d: (d / "test.txt").write_text("../outside.png 1\n"), "outside the data-dir"),
         (lambda d: (d / "test.txt").write_text("just-a-path\n"), "expected 'relative/path label'"),
         (lambda d: (d / "dataset.json").write_text("{not json"), "not readable JSON"),
-        (lambda d: (d / "dataset.json").write_text('{"dataset": "mnist-animals", "classnames": ["a", "a"], '
-                                                   '"template": "{}"}'), "distinct names"),
-        (lambda d: (d / "dataset.json").write_text('{"dataset": "mnist", "classnames": ["a"], "template": "{}"}'),
-         "written for dataset 'mnist', but the run uses 'mnist-animals'"),
+        (
+            lambda d: (d / "dataset.json").write_text(
+                '{"dataset": "mnist-animals", "classnames": ["a", "a"], "template": "{}"}'
+            ),
+            "distinct names",
+        ),
+        (
+            lambda d: (d / "dataset.json").write_text('{"dataset": "mnist", "classnames": ["a"], "template": "{}"}'),
+            "written for dataset 'mnist', but the run uses 'mnist-animals'",
+        ),
     ],
 )
 def test_a_bad_data_dir_is_one_clear_error(node_dir, small_cfg, tmp_path, damage, expected):
@@ -158,11 +166,24 @@ def make_cifar10(root, per_class_train, per_class_test):
     images, labels = rows(0, n), np.arange(n) % 10
     for b in range(5):
         part = slice(b * n // 5, (b + 1) * n // 5)
-        dump(folder / f"data_batch_{b + 1}", {"batch_label": f"training batch {b + 1} of 5",
-                                             "labels": labels[part].tolist(), "data": images[part],
-                                             "filenames": [f"img_{i}.png" for i in range(part.start, part.stop)]})
-    dump(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": ((np.arange(nt) * 3) % 10).tolist(),
-                                 "data": rows(1000, nt), "filenames": [f"t_{i}.png" for i in range(nt)]})
+        dump(
+            folder / f"data_batch_{b + 1}",
+            {
+                "batch_label": f"training batch {b + 1} of 5",
+                "labels": labels[part].tolist(),
+                "data": images[part],
+                "filenames": [f"img_{i}.png" for i in range(part.start, part.stop)],
+            },
+        )
+    dump(
+        folder / "test_batch",
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": ((np.arange(nt) * 3) % 10).tolist(),
+            "data": rows(1000, nt),
+            "filenames": [f"t_{i}.png" for i in range(nt)],
+        },
+    )
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     dump(folder / "batches.meta", {"num_cases_per_batch": n // 5, "label_names": names, "num_vis": 3072})
 
@@ -177,9 +198,17 @@ def test_a_node_of_an_on_disk_dataset_needs_none_of_the_datasets_files(tmp_path,
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
     make_cifar10(tmp_path / "cifar", per_class_train=20, per_class_test=6)
     checkpoint = clip_of(small_cfg.model, small_cfg.data).checkpoint  # the embedded tiny CLIP, as a file
-    run = {"data.name": "cifar10-lt", "data.root": str(tmp_path / "cifar"), "model.pretrained": checkpoint,
-           "data.n-max": 20, "data.imbalance-factor": 10.0, "data.min-client-samples": 2,
-           "data.client-test-size": 10, "train.rounds": 1, "train.local-epochs": 1}
+    run = {
+        "data.name": "cifar10-lt",
+        "data.root": str(tmp_path / "cifar"),
+        "model.pretrained": checkpoint,
+        "data.n-max": 20,
+        "data.imbalance-factor": 10.0,
+        "data.min-client-samples": 2,
+        "data.client-test-size": 10,
+        "train.rounds": 1,
+        "train.local-epochs": 1,
+    }
     out = tmp_path / "node"
     assert fedpurel(["node-data", str(out), "--partition-id", "0", "--num-partitions", "2", *overrides(run)]) == 0
     shutil.rmtree(tmp_path / "cifar")  # the node holds only its folder

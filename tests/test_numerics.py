@@ -32,9 +32,9 @@ def finite(t: torch.Tensor) -> bool:
 @pytest.mark.parametrize(
     "rows",
     [
-        [[1.0, 2.0, 3.0], [0.5, -0.5, 0.0]],           # ordinary
-        [[0.0, 0.0, 0.0], [7.0, 7.0, 7.0]],            # constant
-        [[1e4, -1e4, 0.0], [-1e4, -1e4, 1e4]],         # extreme
+        [[1.0, 2.0, 3.0], [0.5, -0.5, 0.0]],  # ordinary
+        [[0.0, 0.0, 0.0], [7.0, 7.0, 7.0]],  # constant
+        [[1e4, -1e4, 0.0], [-1e4, -1e4, 1e4]],  # extreme
     ],
     ids=["ordinary", "constant", "extreme"],
 )
@@ -68,8 +68,8 @@ def test_solve_temperature_on_extreme_rows_in_every_dtype(dtype):
 
 ROW = st.one_of(
     st.lists(st.floats(-30, 30), min_size=4, max_size=4),
-    st.floats(-1e4, 1e4).map(lambda v: [v] * 4),                           # constant
-    st.lists(st.sampled_from([1e4, -1e4, 0.0]), min_size=4, max_size=4),   # extreme
+    st.floats(-1e4, 1e4).map(lambda v: [v] * 4),  # constant
+    st.lists(st.sampled_from([1e4, -1e4, 0.0]), min_size=4, max_size=4),  # extreme
 )
 
 
@@ -102,8 +102,9 @@ def test_stage1_pipeline_is_finite_on_any_logits(student, teacher_kind, dtype, a
 
 @pytest.mark.parametrize("granularity", ["tensor", "flat"])
 def test_both_gradients_zero(granularity):
-    out, stats = purify_gradients_with_stats([torch.zeros(3), torch.zeros(2, 2)], [torch.zeros(3), torch.zeros(2, 2)],
-                                             granularity=granularity)
+    out, stats = purify_gradients_with_stats(
+        [torch.zeros(3), torch.zeros(2, 2)], [torch.zeros(3), torch.zeros(2, 2)], granularity=granularity
+    )
     assert all(torch.equal(o, torch.zeros_like(o)) for o in out)
     assert stats.conflict == 0.0 and stats.cosine == 0.0
 
@@ -116,4 +117,4 @@ def test_float32_gradients_whose_squares_overflow_float32(granularity):
     out, stats = purify_gradients_with_stats(g_task, g_align, granularity=granularity)
     assert finite(out[0])
     torch.testing.assert_close(out[0], torch.tensor([0.5e30, 0.5e30]), rtol=1e-4, atol=0.0)
-    assert stats.conflict == 1.0 and stats.cosine == pytest.approx(-2 ** -0.5, abs=1e-4)
+    assert stats.conflict == 1.0 and stats.cosine == pytest.approx(-(2**-0.5), abs=1e-4)

@@ -103,9 +103,13 @@ def test_every_registered_method_declares_a_valid_plan():
 def test_fedpurel_schedule_selects_post_or_interleaved():
     post = build_method(make_cfg({"train.rounds": 4, "personalize.rounds": 3, "eval-every": 2})).plan()
     assert shape(post) == shape(standard_plan(4, 3, eval_every=2))
-    interleaved = build_method(make_cfg({"train.rounds": 4, "personalize.rounds": 3, "eval-every": 2,
-                                         "method.fedpurel.schedule": "interleaved"})).plan()
+    interleaved = build_method(
+        make_cfg(
+            {"train.rounds": 4, "personalize.rounds": 3, "eval-every": 2, "method.fedpurel.schedule": "interleaved"}
+        )
+    ).plan()
     assert shape(interleaved) == shape(standard_plan(4, 0, eval_every=2, interleaved=True))
-    kl = build_method(make_cfg({"method.name": "fedpurel-kl", "train.rounds": 2,
-                                "method.fedpurel-kl.schedule": "interleaved"})).plan()
+    kl = build_method(
+        make_cfg({"method.name": "fedpurel-kl", "train.rounds": 2, "method.fedpurel-kl.schedule": "interleaved"})
+    ).plan()
     assert all(s.personalize == "sampled" for s in kl.steps[1:])

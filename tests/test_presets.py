@@ -34,7 +34,10 @@ def test_preset_is_a_valid_run_config(preset):
     cfg = parse_run_config(unflatten_dict(merged))
     assert cfg.model.name == "ViT-B-16" and cfg.model.pretrained == "openai"
     assert (cfg.train.rounds, cfg.train.fraction, cfg.data.dirichlet_alpha, cfg.data.imbalance_factor) == (
-        100, 0.4, 1.0, 100.0,
+        100,
+        0.4,
+        1.0,
+        100.0,
     )
     # What the preset sets is what the run gets.
     flat = cfg.to_flower()
@@ -52,11 +55,17 @@ def test_reference_preset_uses_the_reference_code_choices():
 
 def test_overrides_merge_a_preset_with_later_pairs_winning(tmp_path):
     preset = tmp_path / "p.toml"
-    preset.write_text('peft.prompt.lr = 0.5\npeft.prompt.ctx-init = "a photo of a"\n[train]\n'
-                      "all-clients-first-round = true\n")  # dotted keys and a table: both read flat
+    preset.write_text(
+        'peft.prompt.lr = 0.5\npeft.prompt.ctx-init = "a photo of a"\n[train]\nall-clients-first-round = true\n'
+    )  # dotted keys and a table: both read flat
     merged = overrides.merge([str(preset), "peft.prompt.lr=0.1 seed=2 method.name='fedpurel-kl'"])
-    assert merged == {"peft.prompt.lr": 0.1, "peft.prompt.ctx-init": "a photo of a",
-                      "train.all-clients-first-round": True, "seed": 2, "method.name": "fedpurel-kl"}
+    assert merged == {
+        "peft.prompt.lr": 0.1,
+        "peft.prompt.ctx-init": "a photo of a",
+        "train.all-clients-first-round": True,
+        "seed": 2,
+        "method.name": "fedpurel-kl",
+    }
     text = overrides.to_run_config(merged)
     assert "peft.prompt.ctx-init='a photo of a'" in text and "train.all-clients-first-round=true" in text
     assert overrides.merge([text]) == merged, "the string flwr receives parses back to the same values"
@@ -78,12 +87,14 @@ def test_the_overrides_command_prints_the_merged_run_config():
 
 @pytest.mark.parametrize(
     "arg, message",
-    [("train.rounds=abc", "'train.rounds=abc': the value is not a TOML value"),
-     ("seed", "'seed' is neither key=value nor a .toml preset"),
-     ("seed=1 oops", "'oops' is neither key=value nor a .toml preset"),
-     ("configs/no-such-preset.toml", "cannot read the preset configs/no-such-preset.toml"),
-     ("train.roundz=3", "unknown run-config key 'train.roundz' (did you mean 'train.rounds'?)"),
-     ("lr=0.1", "unknown run-config key 'lr' (did you mean 'peft.prompt.lr'?)")],
+    [
+        ("train.rounds=abc", "'train.rounds=abc': the value is not a TOML value"),
+        ("seed", "'seed' is neither key=value nor a .toml preset"),
+        ("seed=1 oops", "'oops' is neither key=value nor a .toml preset"),
+        ("configs/no-such-preset.toml", "cannot read the preset configs/no-such-preset.toml"),
+        ("train.roundz=3", "unknown run-config key 'train.roundz' (did you mean 'train.rounds'?)"),
+        ("lr=0.1", "unknown run-config key 'lr' (did you mean 'peft.prompt.lr'?)"),
+    ],
 )
 def test_a_bad_override_is_one_clear_message_without_a_traceback(arg, message):
     with pytest.raises(overrides.OverrideError) as err:

@@ -44,8 +44,11 @@ def test_clipping_scales_the_update_to_the_norm_and_keeps_its_direction():
 
 def message(phi_g: dict, clipping: float | None) -> Message:
     config = ConfigRecord(Instruction(1, "", None, False, clipping).to_config())
-    return Message(RecordDict({protocol.ARRAYS: ArrayRecord(phi_g), protocol.CONFIG: config}), dst_node_id=100,
-                   message_type=protocol.TRAIN)
+    return Message(
+        RecordDict({protocol.ARRAYS: ArrayRecord(phi_g), protocol.CONFIG: config}),
+        dst_node_id=100,
+        message_type=protocol.TRAIN,
+    )
 
 
 def test_the_client_app_clips_every_update_to_the_norm_with_flowers_mod():
@@ -58,8 +61,13 @@ def test_the_client_app_clips_every_update_to_the_norm_with_flowers_mod():
     phi_g = build_peft(cfg, clip_of(cfg.model, cfg.data), data.classnames, data.template).global_state()
 
     def reply(clipping):
-        context = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": 2},
-                          state=RecordDict(), run_config={**SMALL_RUN, "peft.prompt.lr": 0.5})
+        context = Context(
+            run_id=1,
+            node_id=100,
+            node_config={"partition-id": 0, "num-partitions": 2},
+            state=RecordDict(),
+            run_config={**SMALL_RUN, "peft.prompt.lr": 0.5},
+        )
         out = client.app(message(phi_g, clipping), context)
         return out.content.array_records[protocol.ARRAYS].to_torch_state_dict()
 
@@ -106,10 +114,14 @@ def reference_epsilon(z: float, population: int, sampled: list[int], delta: floa
     accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     gaussian = dp_accounting.GaussianDpEvent(z / 2)
     first, rest = sampled[0], sampled[1:]
-    accountant.compose(gaussian if first == population else
-                       dp_accounting.SampledWithoutReplacementDpEvent(population, first, gaussian))
-    accountant.compose(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.SampledWithoutReplacementDpEvent(population, rest[0], gaussian), len(rest)))
+    accountant.compose(
+        gaussian if first == population else dp_accounting.SampledWithoutReplacementDpEvent(population, first, gaussian)
+    )
+    accountant.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.SampledWithoutReplacementDpEvent(population, rest[0], gaussian), len(rest)
+        )
+    )
     return accountant.get_epsilon(delta)
 
 
@@ -177,13 +189,21 @@ def test_dp_off_aggregates_exactly_as_plain_fedavg_and_sends_no_clipping_norm():
     assert protocol.CLIPPING_NORM not in request.content[protocol.CONFIG]
     a, b = {"w": torch.tensor([0.1, 0.7])}, {"w": torch.tensor([0.3, 0.2])}
     arrays, _ = strategy.aggregate_train(1, [reply(0, a, request, 30), reply(1, b, request, 10)])
-    expected = (np.array([0.1, 0.7], np.float32) * 0.75 + np.array([0.3, 0.2], np.float32) * 0.25)
+    expected = np.array([0.1, 0.7], np.float32) * 0.75 + np.array([0.3, 0.2], np.float32) * 0.25
     assert np.array_equal(arrays.to_torch_state_dict()["w"].numpy(), expected.astype(np.float32))
 
 
 def test_a_dp_run_reports_the_privacy_spent_every_round(tmp_path):
-    run = {**SMALL_RUN, "train.rounds": 3, "train.min-nodes": 4, "data.client-test-size": 20,
-           "output-dir": str(tmp_path), "dp.enabled": True, "dp.clipping-norm": 0.05, "dp.noise-multiplier": 1.5}
+    run = {
+        **SMALL_RUN,
+        "train.rounds": 3,
+        "train.min-nodes": 4,
+        "data.client-test-size": 20,
+        "output-dir": str(tmp_path),
+        "dp.enabled": True,
+        "dp.clipping-norm": 0.05,
+        "dp.noise-multiplier": 1.5,
+    }
     run_server(run, DirectGrid(run, 4))
     results = json.loads((only_run_dir(tmp_path) / "results.json").read_text())
     spent = [r["privacy"] for r in results["rounds"] if r["phase"] == "global"]

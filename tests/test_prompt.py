@@ -93,8 +93,9 @@ def test_build_peft_reads_the_variant_knobs_from_the_config(clip, classnames):
     assert PEFT_VARIANTS.get("prompt") is PromptPeft and PEFT_VARIANTS["prompt"].config is PromptConfig
     # ctx-init '' is N(0, 0.02^2) drawn with the run's seed
     again = build_peft(cfg, clip, classnames, "a photo of a {}.")
-    other = build_peft(make_cfg({"peft.prompt.n-ctx": 3, "peft.prompt.ctx-init": "", "seed": 1}), clip, classnames,
-                       "a photo of a {}.")
+    other = build_peft(
+        make_cfg({"peft.prompt.n-ctx": 3, "peft.prompt.ctx-init": "", "seed": 1}), clip, classnames, "a photo of a {}."
+    )
     assert torch.equal(peft.phi_g.ctx, again.phi_g.ctx) and not torch.equal(peft.phi_g.ctx, other.phi_g.ctx)
 
 

@@ -49,8 +49,13 @@ def test_no_reply_of_any_handler_of_any_method_holds_per_sample_data_or_private_
     assert NUM_CLASSES not in sizes, "choose splits whose sizes differ from the number of classes"
     phi_g = build_peft(cfg, clip_of(cfg.model, cfg.data), data.classnames, data.template).global_state()
     counts = [int(c) for c in class_counts(cfg.data, cfg.seed)]
-    context = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": 4},
-                      state=RecordDict(), run_config={**RUN, "method.name": method})
+    context = Context(
+        run_id=1,
+        node_id=100,
+        node_config={"partition-id": 0, "num-partitions": 4},
+        state=RecordDict(),
+        run_config={**RUN, "method.name": method},
+    )
     # every handler the method's plan sends to, in the plan's order
     from fedpurel_app.methods.base import build_method
 
@@ -64,8 +69,9 @@ def test_no_reply_of_any_handler_of_any_method_holds_per_sample_data_or_private_
         replies.append(client.train(message(protocol.TRAIN, phi_g, 1, counts=counts), context))
     if personalizes:
         replies.append(client.personalize(message(protocol.PERSONALIZE, phi_g, 2, counts=counts), context))
-        replies.append(client.personalize(message(protocol.PERSONALIZE, phi_g, 3, evaluate=True, counts=counts),
-                                          context))
+        replies.append(
+            client.personalize(message(protocol.PERSONALIZE, phi_g, 3, evaluate=True, counts=counts), context)
+        )
     replies.append(client.evaluate(message(protocol.EVALUATE, phi_g, 3, counts=counts), context))
     private = [
         array.numpy()
@@ -165,8 +171,13 @@ def test_an_instruction_round_trips_and_refuses_unknown_keys():
 
 
 def test_a_user_error_on_a_client_is_an_error_reply_with_its_message(monkeypatch):
-    context = Context(run_id=1, node_id=100, node_config={"partition-id": 5, "num-partitions": 4},
-                      state=RecordDict(), run_config=dict(RUN))
+    context = Context(
+        run_id=1,
+        node_id=100,
+        node_config={"partition-id": 5, "num-partitions": 4},
+        state=RecordDict(),
+        run_config=dict(RUN),
+    )
     reply = client.evaluate(message(protocol.EVALUATE, {"ctx": torch.zeros(4, 64)}, 0), context)
     assert reply.has_error() and reply.error.code == protocol.USER_ERROR
     assert "partition-id (5) must be smaller than num-partitions (4)" in reply.error.reason

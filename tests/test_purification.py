@@ -103,9 +103,7 @@ def test_property_no_residual_conflict(data, granularity, scale):
             assert all(torch.equal(o, t) for o, t in zip(outs, gts, strict=True))
     assert stats.conflict == pytest.approx(n_conflict / len(units))
     ft, fa = torch.cat(task), torch.cat(align)
-    assert stats.cosine == pytest.approx(
-        (torch.dot(ft, fa) / (ft.norm() * fa.norm())).item(), abs=1e-9
-    )
+    assert stats.cosine == pytest.approx((torch.dot(ft, fa) / (ft.norm() * fa.norm())).item(), abs=1e-9)
     assert -1.0 <= stats.cosine <= 1.0
     # purify_gradients gives the same result as the stats variant
     out2 = purify_gradients(task, align, granularity=granularity)

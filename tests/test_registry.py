@@ -93,15 +93,27 @@ def test_builtin_modules_are_imported_on_first_use(tmp_path, monkeypatch):
 
 def test_the_builtin_parts():
     assert PEFT_VARIANTS.names() == ("prompt", "adapter", "lora")
-    assert set(METHODS.names()) == {"zero-shot", "promptfl", "promptfl-la", "fedpurel", "fedpurel-kl", "pft",
-                                    "lp-ft", "promptfolio", "fed-grab"}
+    assert set(METHODS.names()) == {
+        "zero-shot",
+        "promptfl",
+        "promptfl-la",
+        "fedpurel",
+        "fedpurel-kl",
+        "pft",
+        "lp-ft",
+        "promptfolio",
+        "fed-grab",
+    }
     assert {"mnist", "mnist-animals", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt"} == set(DATASETS)
     from fedpurel_app.peft.adapter import AdapterConfig, AdapterPeft
     from fedpurel_app.peft.lora import LoraOptions, LoraPeft
     from fedpurel_app.peft.prompt import PromptConfig, PromptPeft
 
-    for name, impl, config in (("prompt", PromptPeft, PromptConfig), ("adapter", AdapterPeft, AdapterConfig),
-                               ("lora", LoraPeft, LoraOptions)):
+    for name, impl, config in (
+        ("prompt", PromptPeft, PromptConfig),
+        ("adapter", AdapterPeft, AdapterConfig),
+        ("lora", LoraPeft, LoraOptions),
+    ):
         assert PEFT_VARIANTS.get(name) is impl and PEFT_VARIANTS[name].config is config
 
 

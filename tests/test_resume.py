@@ -36,8 +36,14 @@ from tests.fake_grid import Killed, only_run_dir, run_server, set_task_identity
 __all__ = ["RUN", "NODES", "DirectGrid", "Killed", "only_run_dir", "run_server", "task_identity"]
 
 NODES = 3
-RUN = {**SMALL_RUN, "train.rounds": 3, "personalize.rounds": 2, "train.min-nodes": NODES, "train.fraction": 0.67,
-       "data.client-test-size": 20}
+RUN = {
+    **SMALL_RUN,
+    "train.rounds": 3,
+    "personalize.rounds": 2,
+    "train.min-nodes": NODES,
+    "train.fraction": 0.67,
+    "data.client-test-size": 20,
+}
 # The plan of RUN: step 0 zero-shot, steps 1-3 Stage-1 rounds 1-3, steps 4-5 personal rounds 4-5.
 LAST_STEP = 5
 
@@ -103,8 +109,15 @@ def uninterrupted(tmp_path_factory, task_identity, cleanup_node_folders):
     return run_dir, json.loads((run_dir / "results.json").read_text()), load_file(str(run_dir / "phi_g.safetensors"))
 
 
-def kill_then_resume(tmp_path: Path, kill_at_round: int, keep_clients: bool, state_root: Path | None = None,
-                     lose_cache: bool = False, cleanup: list | None = None, caplog=None):
+def kill_then_resume(
+    tmp_path: Path,
+    kill_at_round: int,
+    keep_clients: bool,
+    state_root: Path | None = None,
+    lose_cache: bool = False,
+    cleanup: list | None = None,
+    caplog=None,
+):
     """Kill the server during round ``kill_at_round``, then resume.
 
     keep_clients: only the server died; otherwise every SuperNode restarts with an empty
@@ -127,8 +140,9 @@ def kill_then_resume(tmp_path: Path, kill_at_round: int, keep_clients: bool, sta
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
     resumed = {**config, "resume-from": str(run_dir)}
-    grid = DirectGrid(resumed, contexts=grid.contexts if keep_clients else None, state_root=state_root,
-                      node_id=lambda i: 300 - i)
+    grid = DirectGrid(
+        resumed, contexts=grid.contexts if keep_clients else None, state_root=state_root, node_id=lambda i: 300 - i
+    )
     if caplog is not None:
         caplog.clear()
         with caplog.at_level("INFO", logger="flwr"):
@@ -158,49 +172,55 @@ def assert_same_run(uninterrupted, results, phi_g):
 
 def test_stage1_resume_with_restarted_clients_is_exact(uninterrupted, tmp_path, cleanup_node_folders):
     """Killed during round 3 of Stage 1; clients lost all their state too."""
-    assert_same_run(uninterrupted, *kill_then_resume(tmp_path, kill_at_round=3, keep_clients=False,
-                                                     lose_cache=True, cleanup=cleanup_node_folders))
+    assert_same_run(
+        uninterrupted,
+        *kill_then_resume(tmp_path, kill_at_round=3, keep_clients=False, lose_cache=True, cleanup=cleanup_node_folders),
+    )
 
 
-def test_a_kill_during_the_first_round_resumes_after_the_zero_shot_step(uninterrupted, tmp_path,
-                                                                        cleanup_node_folders):
+def test_a_kill_during_the_first_round_resumes_after_the_zero_shot_step(uninterrupted, tmp_path, cleanup_node_folders):
     """The zero-shot evaluation is a step of its own: it is checkpointed and not repeated."""
-    assert_same_run(uninterrupted, *kill_then_resume(tmp_path, kill_at_round=1, keep_clients=False,
-                                                     cleanup=cleanup_node_folders))
+    assert_same_run(
+        uninterrupted, *kill_then_resume(tmp_path, kill_at_round=1, keep_clients=False, cleanup=cleanup_node_folders)
+    )
 
 
 def test_stage2_resume_with_surviving_clients_is_exact(uninterrupted, tmp_path, cleanup_node_folders):
     """Killed during the 2nd personal round; the SuperNodes (and their phi_k) survived."""
-    assert_same_run(uninterrupted, *kill_then_resume(tmp_path, kill_at_round=5, keep_clients=True,
-                                                     cleanup=cleanup_node_folders))
+    assert_same_run(
+        uninterrupted, *kill_then_resume(tmp_path, kill_at_round=5, keep_clients=True, cleanup=cleanup_node_folders)
+    )
 
 
 def test_stage2_resume_with_restarted_clients_that_keep_a_state_dir_is_exact(uninterrupted, tmp_path, caplog):
     """Server and SuperNodes all restarted; each node kept phi_k in its node-config state-dir."""
-    results, phi_g = kill_then_resume(tmp_path, kill_at_round=5, keep_clients=False, state_root=tmp_path / "nodes",
-                                      caplog=caplog)
+    results, phi_g = kill_then_resume(
+        tmp_path, kill_at_round=5, keep_clients=False, state_root=tmp_path / "nodes", caplog=caplog
+    )
     assert_same_run(uninterrupted, results, phi_g)
     assert f"{NODES} of {NODES} clients restored their private state" in caplog.text
 
 
-def test_stage2_resume_with_restarted_simulated_clients_is_exact(uninterrupted, tmp_path, caplog,
-                                                                 cleanup_node_folders):
+def test_stage2_resume_with_restarted_simulated_clients_is_exact(uninterrupted, tmp_path, caplog, cleanup_node_folders):
     """Simulated SuperNodes without a state-dir restarted too: they restore phi_k from their
     folder of this run in the cache folder (the run's name comes with every message)."""
-    results, phi_g = kill_then_resume(tmp_path, kill_at_round=5, keep_clients=False, caplog=caplog,
-                                      cleanup=cleanup_node_folders)
+    results, phi_g = kill_then_resume(
+        tmp_path, kill_at_round=5, keep_clients=False, caplog=caplog, cleanup=cleanup_node_folders
+    )
     assert_same_run(uninterrupted, results, phi_g)
     assert f"{NODES} of {NODES} clients restored their private state" in caplog.text
 
 
-def test_stage2_resume_with_restarted_clients_restarts_their_private_state(uninterrupted, tmp_path,
-                                                                           cleanup_node_folders):
+def test_stage2_resume_with_restarted_clients_restarts_their_private_state(
+    uninterrupted, tmp_path, cleanup_node_folders
+):
     """Documented behaviour: phi_k lives on the clients, not in the server checkpoint. If the
     SuperNodes restarted and lost their state folders too, the resumed personal rounds start
     phi_k from its initial value: the run completes, phi_g (frozen in Stage 2) is exact,
     Stage-2 metrics may differ."""
-    results, phi_g = kill_then_resume(tmp_path, kill_at_round=5, keep_clients=False, lose_cache=True,
-                                      cleanup=cleanup_node_folders)
+    results, phi_g = kill_then_resume(
+        tmp_path, kill_at_round=5, keep_clients=False, lose_cache=True, cleanup=cleanup_node_folders
+    )
     _, expected_results, expected_phi_g = uninterrupted
     assert all(torch.equal(phi_g[k], expected_phi_g[k]) for k in phi_g)
     assert comparable(results)["rounds"][:4] == comparable(expected_results)["rounds"][:4]
@@ -231,8 +251,14 @@ def test_checkpoint_is_written_after_every_step_and_keeps_one_phi_g(uninterrupte
     config = {**RUN, "output-dir": str(tmp_path / "out")}
     run_server(config, DirectGrid(config))
     shutil.rmtree(Path(node_folders(config, only_run_dir(tmp_path / "out"))[0]).parent, ignore_errors=True)
-    assert saved == [(0, 0, "zero-shot", 0, True), (1, 1, "global", 1, True), (2, 2, "global", 2, True),
-                     (3, 3, "global", 3, True), (4, 4, "personal", 4, True), (5, 5, "personal", 5, True)]
+    assert saved == [
+        (0, 0, "zero-shot", 0, True),
+        (1, 1, "global", 1, True),
+        (2, 2, "global", 2, True),
+        (3, 3, "global", 3, True),
+        (4, 4, "personal", 4, True),
+        (5, 5, "personal", 5, True),
+    ]
 
 
 # ----------------------------------------------------------------- refused checkpoints

@@ -16,8 +16,9 @@ from tests.conftest import make_cfg
 
 def key(flat=None, partition_id=0, num_partitions=3, data_dir="") -> dict[str, str]:
     """A node's state key, as the client computes it."""
-    return fingerprint(make_cfg(flat), "state", partition_id=partition_id, num_partitions=num_partitions,
-                       data_dir=data_dir)
+    return fingerprint(
+        make_cfg(flat), "state", partition_id=partition_id, num_partitions=num_partitions, data_dir=data_dir
+    )
 
 
 KEY = key()
@@ -127,16 +128,17 @@ def test_a_file_from_another_configuration_is_refused_with_the_difference(tmp_pa
 
 def test_a_training_knob_does_not_invalidate_the_state(tmp_path):
     NodeStateStore(tmp_path, KEY).save(PHI_K, phi())
-    later = NodeStateStore(tmp_path, key({"peft.prompt.lr": 0.5, "train.rounds": 7, "personalize.epochs": 1,
-                                          "output-dir": "elsewhere"}))
+    later = NodeStateStore(
+        tmp_path, key({"peft.prompt.lr": 0.5, "train.rounds": 7, "personalize.epochs": 1, "output-dir": "elsewhere"})
+    )
     assert same(later.load(PHI_K), phi())
 
 
 @pytest.mark.parametrize(
     "damage, why",
     [
-        (lambda b: b[: len(b) // 2], "damaged"),                  # truncated
-        (lambda b: b"", "damaged"),                               # empty
+        (lambda b: b[: len(b) // 2], "damaged"),  # truncated
+        (lambda b: b"", "damaged"),  # empty
         (lambda b: b"not a safetensors file at all", "damaged"),  # garbage
         (lambda b: b[:-4] + bytes(x ^ 0xFF for x in b[-4:]), "checksum"),  # flipped data bytes
     ],
@@ -181,13 +183,28 @@ def test_state_keys_are_stable_and_tied_to_the_config_and_partition():
     assert key(partition_id=1)["key"] != KEY["key"]
     assert key(num_partitions=4)["key"] != KEY["key"]
     assert key(data_dir="/data/node0")["key"] != KEY["key"]
-    for identity in ({"peft.prompt.n-ctx": 8}, {"peft.prompt.ctx-init": ""}, {"peft.name": "adapter"},
-                     {"model.pretrained": "other.safetensors"}, {"data.name": "mnist"}, {"seed": 1},
-                     {"data.n-max": 50}, {"method.name": "promptfl"}):
+    for identity in (
+        {"peft.prompt.n-ctx": 8},
+        {"peft.prompt.ctx-init": ""},
+        {"peft.name": "adapter"},
+        {"model.pretrained": "other.safetensors"},
+        {"data.name": "mnist"},
+        {"seed": 1},
+        {"data.n-max": 50},
+        {"method.name": "promptfl"},
+    ):
         assert key(identity)["key"] != KEY["key"], identity
-    for training in ({"peft.prompt.lr": 0.5}, {"peft.prompt.personal-lr": 0.5}, {"train.rounds": 3},
-                     {"train.batch-size": 4}, {"tkl.tau-max": 5.0}, {"model.device": "cpu"},
-                     {"model.cache-dir": "/tmp/x"}, {"round-timeout": 5.0}, {"peft.lora.rank": 2}):
+    for training in (
+        {"peft.prompt.lr": 0.5},
+        {"peft.prompt.personal-lr": 0.5},
+        {"train.rounds": 3},
+        {"train.batch-size": 4},
+        {"tkl.tau-max": 5.0},
+        {"model.device": "cpu"},
+        {"model.cache-dir": "/tmp/x"},
+        {"round-timeout": 5.0},
+        {"peft.lora.rank": 2},
+    ):
         assert key(training) == KEY, training
 
 

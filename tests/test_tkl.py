@@ -39,9 +39,7 @@ def test_entropy_hand_value():
 
 
 def test_entropy_uniform_onehot_and_masked():
-    logits = torch.tensor(
-        [[0.0, 0.0, 0.0, 0.0], [1e4, -1e4, 0.0, 0.0], [0.0, 0.0, -math.inf, -math.inf]]
-    )
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1e4, -1e4, 0.0, 0.0], [0.0, 0.0, -math.inf, -math.inf]])
     h = entropy(logits)
     assert torch.isfinite(h).all()
     assert h[0].item() == pytest.approx(math.log(4.0), abs=1e-6)

@@ -13,8 +13,14 @@ from tests.conftest import SMALL_RUN
 from tests.fake_grid import DirectGrid, Killed, only_run_dir, run_server, set_task_identity
 
 NODES = 3
-RUN = {**SMALL_RUN, "train.rounds": 3, "personalize.rounds": 2, "train.min-nodes": NODES,
-       "data.client-test-size": 20, "track.image-every": 2}
+RUN = {
+    **SMALL_RUN,
+    "train.rounds": 3,
+    "personalize.rounds": 2,
+    "train.min-nodes": NODES,
+    "data.client-test-size": 20,
+    "track.image-every": 2,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -23,8 +29,9 @@ def identity(monkeypatch):
 
 
 def events(run_dir: Path) -> EventAccumulator:
-    accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0,
-                                                                                "histograms": 0, "tensors": 0})
+    accumulator = EventAccumulator(
+        str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0}
+    )
     accumulator.Reload()
     return accumulator
 
@@ -102,8 +109,7 @@ def test_tensorboard_off_writes_no_events(tmp_path):
 
 def test_mlflow_in_a_local_store_without_network(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # must not be used
-    run = {**RUN, "output-dir": str(tmp_path / "out"), "track.mlflow": True, "train.rounds": 2,
-           "personalize.rounds": 1}
+    run = {**RUN, "output-dir": str(tmp_path / "out"), "track.mlflow": True, "train.rounds": 2, "personalize.rounds": 1}
     run_server(run, DirectGrid(run, NODES))
     run_dir = only_run_dir(tmp_path / "out")
     results = json.loads((run_dir / "results.json").read_text())
@@ -113,6 +119,8 @@ def test_mlflow_in_a_local_store_without_network(tmp_path, monkeypatch):
     run_info = client.get_run(results["mlflow_run"])
     assert run_info.data.params["method.name"] == "fedpurel"
     history = {m.step: m.value for m in client.get_metric_history(results["mlflow_run"], "gm.all")}
-    assert history == {0: pytest.approx(results["zero_shot"]["gm"]["all"]),
-                       **{r["round"]: pytest.approx(r["gm"]["all"]) for r in results["rounds"] if "gm" in r}}
+    assert history == {
+        0: pytest.approx(results["zero_shot"]["gm"]["all"]),
+        **{r["round"]: pytest.approx(r["gm"]["all"]) for r in results["rounds"] if "gm" in r},
+    }
     assert run_info.info.status == "FINISHED"

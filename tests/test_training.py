@@ -88,8 +88,14 @@ def test_stage1_steps_keep_their_statistics_on_the_device_until_the_round_ends(s
     cfg, model, train, _ = setup
     options = Stage1Options(align="tkl", lr=0.01, momentum=0.0, weight_decay=0.0)
     (ctx,) = model.global_parameters()
-    task_loss, align_loss, stats = stage1_step(model, train.features[:16], train.labels[:16],
-                                               train.zero_shot_logits[:16], torch.optim.SGD([ctx], lr=0.01), options)
+    task_loss, align_loss, stats = stage1_step(
+        model,
+        train.features[:16],
+        train.labels[:16],
+        train.zero_shot_logits[:16],
+        torch.optim.SGD([ctx], lr=0.01),
+        options,
+    )
     values = (task_loss, align_loss, stats.conflict, stats.cosine)
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in values)
     means = train_global(model, train, options, 1, 16, seeded_generator(0, 1, 1, 0)).means()
@@ -135,15 +141,17 @@ def test_stage2_trains_phi_k_only_and_lowers_its_loss(small_cfg):
 
     def full_loss():
         with torch.no_grad():
-            return residual_loss(model.global_logits(train.features), model.private_logits(train.features),
-                                 train.labels, lam).item()
+            return residual_loss(
+                model.global_logits(train.features), model.private_logits(train.features), train.labels, lam
+            ).item()
 
     global_before = model.global_state()["ctx"]
     private_before = model.private_state()["ctx"]
     loss_before = full_loss()
     for epoch in range(20):
-        train_private(model, train, lam=lam, lr=0.05, epochs=1, batch_size=8,
-                      generator=seeded_generator(0, 2, epoch, 0))
+        train_private(
+            model, train, lam=lam, lr=0.05, epochs=1, batch_size=8, generator=seeded_generator(0, 2, epoch, 0)
+        )
     assert torch.equal(model.global_state()["ctx"], global_before)
     assert not torch.equal(model.private_state()["ctx"], private_before)
     assert full_loss() < 0.9 * loss_before
@@ -160,8 +168,14 @@ def test_mixed_precision_keeps_fp32_master_parameters_and_tracks_fp32(setup, pre
         model.load_global_state(start)
         options = Stage1Options(align="tkl", lr=0.05, momentum=0.0, weight_decay=0.0, precision=mode)
         (ctx,) = model.global_parameters()
-        stage1_step(model, train.features[:16], train.labels[:16], train.zero_shot_logits[:16],
-                    torch.optim.SGD([ctx], lr=0.05), options)
+        stage1_step(
+            model,
+            train.features[:16],
+            train.labels[:16],
+            train.zero_shot_logits[:16],
+            torch.optim.SGD([ctx], lr=0.05),
+            options,
+        )
         assert ctx.dtype == torch.float32
         results[mode] = model.global_state()["ctx"] - start["ctx"]
     assert torch.isfinite(results[precision]).all()
@@ -277,7 +291,8 @@ def test_stage2_skips_overflowed_fp16_steps(setup, monkeypatch, precision):
 
     cfg, model, train, _ = setup
     monkeypatch.setattr(
-        training, "grad_scaler",
+        training,
+        "grad_scaler",
         lambda device, p: torch.amp.GradScaler(device.type, init_scale=2.0**40, enabled=p == "fp16"),
     )
     before = model.private_state()["ctx"]

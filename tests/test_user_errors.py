@@ -19,8 +19,17 @@ from tests.conftest import SMALL_RUN
 
 
 @pytest.mark.parametrize(
-    "error", [errors.ConfigError, errors.NodeConfigError, ModelLoadError, CifarNotFoundError, NodeDataError,
-              CheckpointError, StateError, errors.ClientError]
+    "error",
+    [
+        errors.ConfigError,
+        errors.NodeConfigError,
+        ModelLoadError,
+        CifarNotFoundError,
+        NodeDataError,
+        CheckpointError,
+        StateError,
+        errors.ClientError,
+    ],
 )
 def test_every_mistake_a_user_can_make_is_a_user_error(error):
     assert issubclass(error, errors.UserError)
@@ -58,8 +67,13 @@ def test_any_other_exception_keeps_its_traceback():
     ],
 )
 def test_the_server_app_stops_on_a_user_error_with_one_message(overrides, error, says, caplog, tmp_path):
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                      run_config={**SMALL_RUN, "output-dir": str(tmp_path), **overrides})
+    context = Context(
+        run_id=1,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={**SMALL_RUN, "output-dir": str(tmp_path), **overrides},
+    )
     with caplog.at_level(logging.ERROR), pytest.raises(error, match=says):
         server.main(None, context)
     stopped = [r for r in caplog.records if r.getMessage().startswith("FedPuReL run stopped:")]

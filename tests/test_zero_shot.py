@@ -46,8 +46,12 @@ def test_a_template_ensemble_is_the_normalised_mean_of_its_templates(clip):
 
 @pytest.mark.parametrize(
     "classnames, template, match",
-    [(NAMES, "no placeholder", "must contain"), (NAMES, [], "no template"), (NAMES, ["{}", "x"], "must contain"),
-     ((), "a {}", "classnames is empty")],
+    [
+        (NAMES, "no placeholder", "must contain"),
+        (NAMES, [], "no template"),
+        (NAMES, ["{}", "x"], "must contain"),
+        ((), "a {}", "classnames is empty"),
+    ],
 )
 def test_bad_inputs_are_clear_errors(clip, classnames, template, match):
     with pytest.raises(ValueError, match=match):

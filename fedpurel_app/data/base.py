@@ -18,8 +18,9 @@ is ambiguous, so value equality is deliberately not generated.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -37,7 +38,7 @@ class Split(Protocol):
 
     def pil(self, i: int) -> Image.Image: ...
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "Split": ...
+    def subset(self, indices: Sequence[int] | np.ndarray) -> Split: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,18 +58,13 @@ class ImageSplit:
         if images.dtype != np.uint8:
             raise ValueError(f"ImageSplit.images must be uint8, got {images.dtype}")
         if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
-            raise ValueError(
-                "ImageSplit.images must have shape [N,H,W] or [N,H,W,3], "
-                f"got {images.shape}"
-            )
+            raise ValueError(f"ImageSplit.images must have shape [N,H,W] or [N,H,W,3], got {images.shape}")
         if labels.ndim != 1:
             raise ValueError(f"ImageSplit.labels must be 1-D, got shape {labels.shape}")
         if labels.size and not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"ImageSplit.labels must be integers, got {labels.dtype}")
         if len(labels) != len(images):
-            raise ValueError(
-                f"ImageSplit has {len(images)} images but {len(labels)} labels"
-            )
+            raise ValueError(f"ImageSplit has {len(images)} images but {len(labels)} labels")
         object.__setattr__(self, "images", images)
         object.__setattr__(self, "labels", labels.astype(np.int64, copy=False))
 
@@ -81,7 +77,7 @@ class ImageSplit:
         img = Image.fromarray(np.ascontiguousarray(arr))
         return img if img.mode == "RGB" else img.convert("RGB")
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageSplit":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> ImageSplit:
         """A new split with the given positions (in the given order)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         return ImageSplit(images=self.images[idx], labels=self.labels[idx])
@@ -120,10 +116,7 @@ class DatasetBundle:
             raise ValueError(f"dataset {self.name!r}: class names are not unique")
         for t in (self.template, *self.captions):
             if t.count("{}") != 1:
-                raise ValueError(
-                    f"dataset {self.name!r}: template/caption {t!r} must contain "
-                    "exactly one '{}'"
-                )
+                raise ValueError(f"dataset {self.name!r}: template/caption {t!r} must contain exactly one '{{}}'")
         c = len(self.classnames)
         splits = {"train": self.train, "test": self.test, "pretrain": self.pretrain}
         for split_name, split in splits.items():

@@ -42,8 +42,16 @@ def fedlt_split(data: DataConfig, seed: int, num_clients: int) -> FedLTSplit:
     """The Fed-LT split of ``data`` for ``num_clients`` clients: the same in every process."""
     bundle = dataset(data.name, data.root)
     return build_fedlt(
-        bundle.train.labels, bundle.test.labels, bundle.num_classes, num_clients, data.n_max,
-        data.imbalance_factor, data.dirichlet_alpha, data.min_client_samples, data.client_test_size, seed,
+        bundle.train.labels,
+        bundle.test.labels,
+        bundle.num_classes,
+        num_clients,
+        data.n_max,
+        data.imbalance_factor,
+        data.dirichlet_alpha,
+        data.min_client_samples,
+        data.client_test_size,
+        seed,
     )
 
 
@@ -98,8 +106,12 @@ def client_data(data: DataConfig, seed: int, node: NodeConfig) -> ClientData:
     if node.data_dir:
         train, test = load_node_data(node.data_dir, len(names))
         return ClientData(
-            train, test, names, template,
-            f"{prefix}/{_files_identity(train, 'train')}", f"{prefix}/{_files_identity(test, 'test')}",
+            train,
+            test,
+            names,
+            template,
+            f"{prefix}/{_files_identity(train, 'train')}",
+            f"{prefix}/{_files_identity(test, 'test')}",
         )
     split = fedlt_split(data, seed, node.num_partitions)
     if not 0 <= node.partition_id < node.num_partitions:  # pragma: no cover - NodeConfig checks it
@@ -107,8 +119,12 @@ def client_data(data: DataConfig, seed: int, node: NodeConfig) -> ClientData:
     train_idx, test_idx = split.client_train[node.partition_id], split.client_test[node.partition_id]
     bundle = dataset(data.name, data.root)
     return ClientData(
-        bundle.train.subset(train_idx), bundle.test.subset(test_idx), names, template,
-        f"{prefix}/train/{_digest(train_idx)}", f"{prefix}/test/{_digest(test_idx)}",
+        bundle.train.subset(train_idx),
+        bundle.test.subset(test_idx),
+        names,
+        template,
+        f"{prefix}/train/{_digest(train_idx)}",
+        f"{prefix}/test/{_digest(test_idx)}",
     )
 
 
@@ -116,10 +132,22 @@ def global_test(data: DataConfig) -> ClientData:
     """The balanced global test set (GM evaluation) as the server's "client data" (no train split)."""
     bundle = dataset(data.name, data.root)
     return ClientData(
-        bundle.test, bundle.test, bundle.classnames, bundle.template,
-        f"{data.name}:{data.root}/test/all", f"{data.name}:{data.root}/test/all",
+        bundle.test,
+        bundle.test,
+        bundle.classnames,
+        bundle.template,
+        f"{data.name}:{data.root}/test/all",
+        f"{data.name}:{data.root}/test/all",
     )
 
 
-__all__ = ["BACKBONE_SEED", "ClientData", "class_counts", "classes", "client_data", "dataset", "fedlt_split",
-           "global_test"]
+__all__ = [
+    "BACKBONE_SEED",
+    "ClientData",
+    "class_counts",
+    "classes",
+    "client_data",
+    "dataset",
+    "fedlt_split",
+    "global_test",
+]

@@ -78,9 +78,7 @@ MNIST_CAPTIONS = (
     "an image of the handwritten number {}.",
 )
 
-MNIST_ANIMALS_CLASSNAMES = tuple(
-    name for d in range(10) for name in (f"digit {DIGIT_WORDS[d]}", ANIMAL_NAMES[d])
-)
+MNIST_ANIMALS_CLASSNAMES = tuple(name for d in range(10) for name in (f"digit {DIGIT_WORDS[d]}", ANIMAL_NAMES[d]))
 MNIST_ANIMALS_TEMPLATE = "a photo of a {}."
 MNIST_ANIMALS_CAPTIONS = (
     MNIST_ANIMALS_TEMPLATE,
@@ -169,9 +167,7 @@ def _animals_cached() -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(label_path, "rb") as f:
         labels = np.asarray(pickle.load(f)).astype(np.int64).reshape(-1)
     if images.shape[1:] != (28, 28) or len(images) != len(labels):
-        raise RuntimeError(
-            f"unexpected animal-mnist arrays: images {images.shape}, labels {labels.shape}"
-        )
+        raise RuntimeError(f"unexpected animal-mnist arrays: images {images.shape}, labels {labels.shape}")
     images = np.ascontiguousarray(images.astype(np.uint8, copy=False))
     images.flags.writeable = False
     labels.flags.writeable = False
@@ -184,9 +180,7 @@ def animal_source() -> tuple[np.ndarray, np.ndarray]:
     return images.copy(), labels.copy()
 
 
-def split_per_class(
-    labels: np.ndarray, sizes: tuple[int, ...], rng: np.random.Generator
-) -> tuple[np.ndarray, ...]:
+def split_per_class(labels: np.ndarray, sizes: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     """Disjoint per-class splits: for each class (increasing label), shuffle
     its positions and cut consecutive blocks of ``sizes``. Returns one sorted
     int64 index array per entry of ``sizes``."""
@@ -229,8 +223,7 @@ def mnist_animals_source(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         idx = np.flatnonzero((a_lab == a) & keep)
         if len(idx) < IMAGES_PER_CLASS:
             raise RuntimeError(
-                f"animal-mnist class {a} ({ANIMAL_NAMES[a]}) has only {len(idx)} unique "
-                f"images, need {IMAGES_PER_CLASS}"
+                f"animal-mnist class {a} ({ANIMAL_NAMES[a]}) has only {len(idx)} unique images, need {IMAGES_PER_CLASS}"
             )
         chosen.append(np.sort(rng.permutation(idx)[:IMAGES_PER_CLASS]))
     sel = np.concatenate(chosen)
@@ -267,6 +260,11 @@ def load_mnist_animals(root: str | None = None, seed: int = 0) -> DatasetBundle:
     animal_mnist_files()  # clear error first if the package is missing
     images, labels = mnist_animals_source(seed)
     return _bundle(
-        "mnist-animals", images, labels, MNIST_ANIMALS_CLASSNAMES,
-        MNIST_ANIMALS_TEMPLATE, MNIST_ANIMALS_CAPTIONS, seed,
+        "mnist-animals",
+        images,
+        labels,
+        MNIST_ANIMALS_CLASSNAMES,
+        MNIST_ANIMALS_TEMPLATE,
+        MNIST_ANIMALS_CAPTIONS,
+        seed,
     )

@@ -22,8 +22,8 @@ test size does not change the train split.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -55,9 +55,7 @@ def long_tail_counts(n_max: int, imbalance_factor: float, num_classes: int) -> n
     if n_max < 1:
         raise ValueError(f"n_max must be >= 1, got {n_max}")
     if not math.isfinite(imbalance_factor) or imbalance_factor < 1.0:
-        raise ValueError(
-            f"imbalance_factor must be a finite number >= 1 (n_max / n_min), got {imbalance_factor}"
-        )
+        raise ValueError(f"imbalance_factor must be a finite number >= 1 (n_max / n_min), got {imbalance_factor}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if num_classes == 1:
@@ -150,10 +148,7 @@ def dirichlet_split(
         sizes = [sum(len(x) for x in pk) for pk in parts]
         best_min = max(best_min, min(sizes))
         if min(sizes) >= min_samples:
-            return [
-                np.sort(np.concatenate(pk)).astype(np.int64) if pk else np.zeros(0, np.int64)
-                for pk in parts
-            ]
+            return [np.sort(np.concatenate(pk)).astype(np.int64) if pk else np.zeros(0, np.int64) for pk in parts]
     raise DataError(
         f"Dirichlet split failed: after {max_tries} draws (alpha={alpha}, "
         f"{num_clients} clients, {n} samples, {len(classes)} classes) no draw gave "
@@ -272,7 +267,10 @@ def build_fedlt(
         )
     client_test = tuple(
         client_test_indices(
-            train_labels[ct], test_labels, num_classes, client_test_size,
+            train_labels[ct],
+            test_labels,
+            num_classes,
+            client_test_size,
             _rng(seed, _STREAM_CLIENT_TEST, k),
         )
         for k, ct in enumerate(client_train)

@@ -58,8 +58,8 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -118,7 +118,7 @@ class FileSplit:
         with Image.open(self.path(i)) as img:
             return img.convert("RGB")
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "FileSplit":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> FileSplit:
         """A new split with the given positions (in the given order)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         return FileSplit(self.root, self.paths[idx], self.labels[idx])
@@ -143,9 +143,7 @@ def read_split_file(path: str) -> tuple[list[str], np.ndarray]:
                     raise ValueError
                 labels.append(int(parts[1]))
             except ValueError:
-                raise DataError(
-                    f"{path}: line {lineno}: expected 'relative/path label', got {line!r}"
-                ) from None
+                raise DataError(f"{path}: line {lineno}: expected 'relative/path label', got {line!r}") from None
             paths.append(_relative(parts[0]))
     if not paths:
         raise DataError(f"{path}: the split file lists no images")
@@ -204,8 +202,7 @@ def read_classnames(name: str, root: str, num_classes: int) -> tuple[str, ...]:
     names = [_WNID.sub("", ln).strip() for ln in lines]
     if len(names) != num_classes:
         raise DataError(
-            f"dataset {name!r}: {path} has {len(names)} names, expected {num_classes} "
-            "(one per line, in label order)"
+            f"dataset {name!r}: {path} has {len(names)} names, expected {num_classes} (one per line, in label order)"
         )
     empty = [i + 1 for i, n in enumerate(names) if not n]
     if empty:
@@ -230,9 +227,7 @@ def class_order(train_labels: np.ndarray | Sequence[int], num_classes: int) -> n
     return np.argsort(-counts, kind="stable").astype(np.int64)
 
 
-def max_feasible_n_max(
-    pool_labels: np.ndarray | Sequence[int], num_classes: int, imbalance_factor: float
-) -> int:
+def max_feasible_n_max(pool_labels: np.ndarray | Sequence[int], num_classes: int, imbalance_factor: float) -> int:
     """Largest ``n-max`` for which :func:`.fedlt.long_tail_counts` fits the pool
     (every class ``c`` asks for at most as many images as the pool has).
     0 if none does (a class has no pool image)."""
@@ -266,9 +261,7 @@ def load_folder_lt(
     train_file = _find_split_file(name, root, prefix, subdirs, ("train",))
     test_file = _find_split_file(name, root, prefix, subdirs, ("test", "val"))
     if test_file.endswith("_val.txt"):
-        warnings.warn(
-            f"dataset {name!r}: no {prefix}_test.txt, evaluating on {test_file}", stacklevel=3
-        )
+        warnings.warn(f"dataset {name!r}: no {prefix}_test.txt, evaluating on {test_file}", stacklevel=3)
     classnames = read_classnames(name, root, num_classes)
     tr_paths, tr_labels = read_split_file(train_file)
     te_paths, te_labels = read_split_file(test_file)

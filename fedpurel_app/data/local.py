@@ -101,8 +101,8 @@ def read_node_classes(data_dir: str, dataset: str) -> tuple[tuple[str, ...], str
         or template.count("{}") != 1
     ):
         raise NodeDataError(
-            f"{path}: expected {{\"dataset\": name, \"classnames\": [distinct names], "
-            f"\"template\": \"... {{}} ...\"}}; rewrite it with `fedpurel node-data` or remove it"
+            f'{path}: expected {{"dataset": name, "classnames": [distinct names], '
+            f'"template": "... {{}} ..."}}; rewrite it with `fedpurel node-data` or remove it'
         )
     if meta.get("dataset") != dataset:
         raise NodeDataError(

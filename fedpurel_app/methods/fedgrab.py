@@ -66,7 +66,12 @@ def gradient_parts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def pid_weights(
-    error: torch.Tensor, integral: torch.Tensor, previous: torch.Tensor, kp: float, ki: float, kd: float,
+    error: torch.Tensor,
+    integral: torch.Tensor,
+    previous: torch.Tensor,
+    kp: float,
+    ki: float,
+    kd: float,
     tail: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(w+, w-) [C] from the controller: u = clip(Kp e + Ki I + Kd (e - e_prev), 0, u_max) on tail classes."""
@@ -109,7 +114,8 @@ class FedGraB(PromptFL):
         if self.tail is None:  # once per client and message, on the logits' device
             self.tail = tail_classes(self.prior()).to(device)
             self.state = {
-                key: self.state[key].to(device) if key in self.state and self.state[key].shape == self.tail.shape
+                key: self.state[key].to(device)
+                if key in self.state and self.state[key].shape == self.tail.shape
                 else torch.zeros(self.tail.shape, dtype=torch.float64, device=device)
                 for key in STATE_KEYS
             }

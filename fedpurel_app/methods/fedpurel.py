@@ -33,8 +33,13 @@ from .base import Method
 class FedPuReLConfig(MethodConfig):
     """FedPuReL: TKL purification in Stage 1, the private residual in Stage 2."""
 
-    lam: float = knob(0.9, "Stage 2: (1 - lam) CE(l_G + l_P) + lam CE(l_P); the reference code uses 0.99",
-                      role="training", ge=0.0, le=1.0)
+    lam: float = knob(
+        0.9,
+        "Stage 2: (1 - lam) CE(l_G + l_P) + lam CE(l_P); the reference code uses 0.99",
+        role="training",
+        ge=0.0,
+        le=1.0,
+    )
     granularity: Literal["tensor", "flat"] = knob(
         "tensor", "purification per parameter tensor | 'flat' over all of phi_g", role="training"
     )
@@ -59,8 +64,14 @@ class FedPuReL(Method):
     def personalize(self, peft, data, generator: torch.Generator, first: bool, precision: str) -> float:
         cfg = self.cfg
         return train_private(
-            peft, data, self.options.lam, cfg.peft.options.personal_lr, cfg.personalize.epochs,
-            cfg.train.batch_size, generator, precision,
+            peft,
+            data,
+            self.options.lam,
+            cfg.peft.options.personal_lr,
+            cfg.personalize.epochs,
+            cfg.train.batch_size,
+            generator,
+            precision,
         )
 
 

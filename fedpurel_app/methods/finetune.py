@@ -53,8 +53,16 @@ class PFT(PromptFL):
         if first:
             peft.load_private_state(peft.global_state())
         cfg = self.cfg
-        return self._fine_tune(peft, peft.private_parameters(), cfg.peft.options.lr, cfg.train.momentum,
-                               cfg.train.weight_decay, data, generator, precision)
+        return self._fine_tune(
+            peft,
+            peft.private_parameters(),
+            cfg.peft.options.lr,
+            cfg.train.momentum,
+            cfg.train.weight_decay,
+            data,
+            generator,
+            precision,
+        )
 
     def _fine_tune(self, peft, params, lr, momentum, weight_decay, data, generator, precision) -> float:
         """CE on the personalized logits, ``personalize.epochs`` epochs of SGD on ``params``."""
@@ -66,8 +74,18 @@ class PFT(PromptFL):
             return F.cross_entropy(logits.float(), data.labels[idx])
 
         cfg = self.cfg
-        return sgd_epochs(params, batch_loss, data, cfg.personalize.epochs, cfg.train.batch_size, generator,
-                          lr, momentum, weight_decay, precision)
+        return sgd_epochs(
+            params,
+            batch_loss,
+            data,
+            cfg.personalize.epochs,
+            cfg.train.batch_size,
+            generator,
+            lr,
+            momentum,
+            weight_decay,
+            precision,
+        )
 
 
 @METHODS.register("lp-ft", LPFTConfig)

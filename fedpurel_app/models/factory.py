@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 from urllib.error import URLError
 
 import torch
@@ -90,7 +91,7 @@ def register_model_configs() -> None:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda if available else cpu; "cpu"; "cuda" / "cuda:N" (error if absent)."""
+    """ "auto" -> cuda if available else cpu; "cpu"; "cuda" / "cuda:N" (error if absent)."""
     if isinstance(name, torch.device):
         name = str(name)
     key = str(name).strip().lower()
@@ -103,8 +104,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
-                f"device {name!r} requested but CUDA is not available on this machine "
-                "(use device='auto' or 'cpu')"
+                f"device {name!r} requested but CUDA is not available on this machine (use device='auto' or 'cpu')"
             )
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
@@ -296,7 +296,8 @@ def _load_folder(model_name: str, folder: Path, device: torch.device) -> Clip:
             "layout (open_clip_config.json + open_clip_model.safetensors) or the weights file itself"
         )
     weights = [
-        p for p in sorted(folder.iterdir())
+        p
+        for p in sorted(folder.iterdir())
         if p.name.startswith("open_clip_") and p.suffix in (".safetensors", ".bin", ".pth")
     ]
     if not weights:

@@ -6,7 +6,8 @@ Every function here runs without gradient and returns float32 tensors on the CPU
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,9 +32,7 @@ def _pil(images: Any, i: int):
     return pil(i) if callable(pil) else images[i]
 
 
-def preprocess_images(
-    preprocess: Callable, images: Any, start: int = 0, stop: int | None = None
-) -> torch.Tensor:
+def preprocess_images(preprocess: Callable, images: Any, start: int = 0, stop: int | None = None) -> torch.Tensor:
     """Apply ``preprocess`` (an open_clip transform) to images[start:stop] -> [n, 3, H, W] float32.
 
     ``images`` is a split (``pil(i)`` and ``len()``) or a sequence of PIL images.
@@ -49,7 +48,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def encode_images(clip: "Clip", split: Any, batch_size: int = 256) -> torch.Tensor:
+def encode_images(clip: Clip, split: Any, batch_size: int = 256) -> torch.Tensor:
     """L2-normalised image features [N, D] (float32, CPU) of the frozen image encoder."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -65,7 +64,9 @@ def encode_images(clip: "Clip", split: Any, batch_size: int = 256) -> torch.Tens
         from tqdm import tqdm
 
         starts = range(0, n, batch_size)
-        for start in tqdm(starts, desc="image features", unit="batch", disable=None if n >= 4096 else True, leave=False):
+        for start in tqdm(
+            starts, desc="image features", unit="batch", disable=None if n >= 4096 else True, leave=False
+        ):
             x = preprocess_images(clip.preprocess, split, start, min(start + batch_size, n))
             feats = model.encode_image(x.to(device), normalize=True)
             chunks.append(feats.float().cpu())
@@ -86,7 +87,7 @@ def _templates(template: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def zero_shot_text_features(
-    clip: "Clip",
+    clip: Clip,
     classnames: Sequence[str],
     template: str | Sequence[str] = "a photo of a {}.",
     classes_per_batch: int | None = None,
@@ -114,17 +115,19 @@ def zero_shot_text_features(
     model.eval()
     try:
         weights = open_clip.build_zero_shot_classifier(
-            model, clip.tokenizer, classnames, templates,
-            num_classes_per_batch=classes_per_batch, device=_model_device(model),
+            model,
+            clip.tokenizer,
+            classnames,
+            templates,
+            num_classes_per_batch=classes_per_batch,
+            device=_model_device(model),
         )  # [D, C], built under torch.no_grad()
     finally:
         model.train(was_training)
     return weights.T.float().cpu().contiguous()
 
 
-def zero_shot_logits(
-    clip: "Clip", image_features: torch.Tensor, text_features: torch.Tensor
-) -> torch.Tensor:
+def zero_shot_logits(clip: Clip, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
     """Scaled cosine logits ``exp(logit_scale) * img @ txt.T`` (features assumed normalised).
 
     Computed on the device of ``image_features``; no gradient flows into the model.

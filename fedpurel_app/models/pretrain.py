@@ -21,8 +21,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -235,9 +236,7 @@ def _model_config(model_name: str) -> dict:
     register_model_configs()
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
-        raise ValueError(
-            f"unknown model '{model_name}'; known configs: {', '.join(open_clip.list_models())}"
-        )
+        raise ValueError(f"unknown model '{model_name}'; known configs: {', '.join(open_clip.list_models())}")
     return cfg
 
 
@@ -301,9 +300,7 @@ def train_embedded_model(
     with _isolated_torch_state(seed, threads):
         logging.getLogger().addFilter(quiet)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=None, device="cpu"
-            )
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, device="cpu")
         finally:
             logging.getLogger().removeFilter(quiet)
         tokenizer = open_clip.get_tokenizer(model_name)
@@ -346,8 +343,12 @@ def ensure_embedded_checkpoint(
     with file_lock(path.with_name(path.name + ".lock")):
         if path.is_file():  # another process finished it while we waited
             return path
-        log.info("pretraining the embedded %s on %s (first use; about a minute on 2 cores) -> %s",
-                 model_name, getattr(dataset, "name", "its dataset"), path)
+        log.info(
+            "pretraining the embedded %s on %s (first use; about a minute on 2 cores) -> %s",
+            model_name,
+            getattr(dataset, "name", "its dataset"),
+            path,
+        )
         t0 = time.perf_counter()
         model = train_embedded_model(model_name, dataset, seed, epochs, batch_size, lr)
         seconds = time.perf_counter() - t0

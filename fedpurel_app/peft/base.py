@@ -116,17 +116,13 @@ def checked_state(
 ) -> dict[str, torch.Tensor]:
     """``state`` as tensors of the dtypes of ``expected``; ValueError unless keys and shapes match."""
     if set(state) != set(expected):
-        raise ValueError(
-            f"{what} keys do not match this model: expected {sorted(expected)}, "
-            f"got {sorted(state)}"
-        )
+        raise ValueError(f"{what} keys do not match this model: expected {sorted(expected)}, got {sorted(state)}")
     tensors = {}
     for key, value in state.items():
         tensor = torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value)
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ValueError(
-                f"{what}['{key}'] has shape {tuple(tensor.shape)}, "
-                f"this model expects {tuple(expected[key].shape)}"
+                f"{what}['{key}'] has shape {tuple(tensor.shape)}, this model expects {tuple(expected[key].shape)}"
             )
         tensors[key] = tensor.to(expected[key].dtype)
     return tensors

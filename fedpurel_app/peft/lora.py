@@ -46,12 +46,12 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from pydantic import field_validator
+from torch import nn
 
 from ..config import PeftConfig, knob
 from ..errors import ConfigError
@@ -121,7 +121,7 @@ class SplitQKVAttention(nn.Module):
         weights = mha.in_proj_weight.detach().chunk(3)
         biases = mha.in_proj_bias.detach().chunk(3) if bias else (None, None, None)
         projections = []
-        for weight, b in zip(weights, biases):
+        for weight, b in zip(weights, biases, strict=True):
             linear = nn.Linear(dim, dim, bias=bias, device=weight.device, dtype=weight.dtype)
             with torch.no_grad():
                 linear.weight.copy_(weight)
@@ -130,9 +130,7 @@ class SplitQKVAttention(nn.Module):
             projections.append(linear)
         self.q_proj, self.k_proj, self.v_proj = projections
         out = mha.out_proj
-        self.out_proj = nn.Linear(
-            dim, dim, bias=out.bias is not None, device=out.weight.device, dtype=out.weight.dtype
-        )
+        self.out_proj = nn.Linear(dim, dim, bias=out.bias is not None, device=out.weight.device, dtype=out.weight.dtype)
         self.out_proj.load_state_dict(out.state_dict())
         for param in self.parameters():
             param.requires_grad_(mha.in_proj_weight.requires_grad)
@@ -176,7 +174,11 @@ class SplitQKVAttention(nn.Module):
             if attn_mask.dim() == 3:
                 attn_mask = attn_mask.view(batch, heads, length, -1)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=is_causal and attn_mask is None,
             dropout_p=self.dropout if self.training else 0.0,
         )
         out = self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
@@ -240,8 +242,12 @@ class LoraPeft(PeftVariant):
 
         def config() -> LoraConfig:
             return LoraConfig(
-                r=rank, lora_alpha=alpha, target_modules=parse_targets(targets),
-                lora_dropout=0.0, bias="none", use_rslora=rslora,
+                r=rank,
+                lora_alpha=alpha,
+                target_modules=parse_targets(targets),
+                lora_dropout=0.0,
+                bias="none",
+                use_rslora=rslora,
             )
 
         try:
@@ -250,9 +256,7 @@ class LoraPeft(PeftVariant):
                 model = get_peft_model(tower, config(), adapter_name=self.GLOBAL)
                 model.add_adapter(self.PRIVATE, config())
         except ValueError as err:  # peft: no module matches the targets
-            linear = sorted(
-                {name.rsplit(".", 1)[-1] for name, m in tower.named_modules() if isinstance(m, nn.Linear)}
-            )
+            linear = sorted({name.rsplit(".", 1)[-1] for name, m in tower.named_modules() if isinstance(m, nn.Linear)})
             raise ConfigError(
                 f"peft.lora.targets {targets!r} cannot be applied to the vision tower of {clip.name}: {err} "
                 f"(names of its nn.Linear modules: {', '.join(linear)})"
@@ -280,8 +284,14 @@ class LoraPeft(PeftVariant):
         cls, clip: Clip, classnames: tuple[str, ...], template: str, options: LoraOptions, seed: int
     ) -> LoraPeft:
         return cls(
-            clip, classnames, template=template, rank=options.rank, alpha=options.alpha,
-            targets=options.targets, rslora=options.rslora, seed=seed,
+            clip,
+            classnames,
+            template=template,
+            rank=options.rank,
+            alpha=options.alpha,
+            targets=options.targets,
+            rslora=options.rslora,
+            seed=seed,
         )
 
     @property

@@ -1,8 +1,9 @@
 """CoOp text prompts: ``n_ctx`` learned context vectors shared by all classes.
 
 The class prompt is ``"X X X X {class}."`` whose ``X`` token embeddings are
-replaced by the context vectors of a branch (docs/METHOD.md "PEFT variants"). The image encoder is frozen, so a branch maps cached image features
-to logits through the text encoder only:
+replaced by the context vectors of a branch (docs/METHOD.md "PEFT variants").
+The image encoder is frozen, so a branch maps cached image features to logits
+through the text encoder only:
 
     logits = exp(logit_scale) * norm(img) @ norm(text(ctx)).T
 
@@ -21,6 +22,7 @@ from ..errors import ConfigError
 from ..models import Clip
 from ..registry import PEFT_VARIANTS
 from .base import PeftVariant
+
 
 class PromptConfig(PeftConfig):
     """CoOp prompt: learned context vectors of the text encoder (peft.prompt.*)."""
@@ -72,13 +74,9 @@ class PromptPeft(PeftVariant):
         self.register_buffer("prefix", embedding[:, :1].clone(), persistent=False)
         self.register_buffer("suffix", embedding[:, 1 + n_ctx :].clone(), persistent=False)
         self.register_buffer("eot", eot, persistent=False)
-        self.register_buffer(
-            "positional", tower.positional_embedding[:length].detach().clone(), persistent=False
-        )
+        self.register_buffer("positional", tower.positional_embedding[:length].detach().clone(), persistent=False)
         mask = tower.attn_mask
-        self.register_buffer(
-            "attn_mask", None if mask is None else mask[:length, :length].clone(), persistent=False
-        )
+        self.register_buffer("attn_mask", None if mask is None else mask[:length, :length].clone(), persistent=False)
 
         ctx = self._initial_context(clip, tower, n_ctx, ctx_init, seed)
         self.phi_g = PromptContext(ctx)
@@ -93,9 +91,7 @@ class PromptPeft(PeftVariant):
         return cls(clip, classnames, n_ctx=options.n_ctx, ctx_init=options.ctx_init, seed=seed)
 
     @staticmethod
-    def _initial_context(
-        clip: Clip, tower: nn.Module, n_ctx: int, ctx_init: str, seed: int
-    ) -> torch.Tensor:
+    def _initial_context(clip: Clip, tower: nn.Module, n_ctx: int, ctx_init: str, seed: int) -> torch.Tensor:
         width = tower.token_embedding.weight.shape[1]
         if not ctx_init:
             generator = torch.Generator().manual_seed(seed)
@@ -106,7 +102,7 @@ class PromptPeft(PeftVariant):
             raise ConfigError(
                 f"peft.prompt.ctx-init {ctx_init!r} has {n_words} tokens but peft.prompt.n-ctx is {n_ctx}: "
                 f"set peft.prompt.n-ctx = {n_words} or choose a phrase of {n_ctx} tokens "
-                "(or peft.prompt.ctx-init = \"\" for a random init)"
+                '(or peft.prompt.ctx-init = "" for a random init)'
             )
         with torch.no_grad():
             return tower.token_embedding(tokens)[0, 1 : 1 + n_ctx].clone()
