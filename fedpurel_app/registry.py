@@ -145,6 +145,7 @@ DATASETS: Registry[Any] = Registry(
     {
         "mnist": "fedpurel_app.data.embedded",
         "mnist-animals": "fedpurel_app.data.embedded",
+        "mnist-animals-blur": "fedpurel_app.data.shifted",
         "cifar10-lt": "fedpurel_app.data.cifar",
         "cifar100-lt": "fedpurel_app.data.cifar",
         "imagenet-lt": "fedpurel_app.data.folder",

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,13 @@ DEFAULT_SEEDS = "0,1,2"
 DEFAULT_OUT = "outputs/compare"
 RUN_COMMAND_ENV = "FEDPUREL_RUN_COMMAND"
 JOB_FILE, LOG_FILE, RESULTS_FILE = "job.json", "run.log", "results.json"
-RESERVED_KEYS = ("method.name", "seed")  # set by the runner for each job
+RESERVED_KEYS = ("method.name", "seed", "peft.name")  # set by the runner for each job
+ENGINES = {
+    # Flower simulation, as `bash scripts/run.sh` runs it: one job at a time (one local SuperLink port)
+    "flower": ["bash", "scripts/run.sh"],
+    # the same computations in one process (bench/inprocess.py: phi_g and GM bitwise equal to Flower's)
+    "inprocess": ["bash", "scripts/run-inprocess.sh"],
+}
 STOP_GRACE_S = 60.0  # how long an interrupted job may take to stop (run.sh stops its SuperLink)
 
 
@@ -54,18 +61,26 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class Job:
-    """One run of the comparison: a method and a seed."""
+    """One run of the comparison: a method, a seed and (with --variants) a PEFT variant."""
 
     method: str
     seed: int
+    variant: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}/{self.variant}" if self.variant else self.method
 
     def folder(self, out: Path) -> Path:
         """Where the job's run folder, job.json and run.log live."""
+        if self.variant:
+            return out / "runs" / self.variant / self.method / f"seed{self.seed}"
         return out / "runs" / self.method / f"seed{self.seed}"
 
     def run_args(self, overrides: Sequence[str]) -> list[str]:
-        """Arguments for run.sh: the shared presets and overrides, then this job's method and seed."""
-        return [*overrides, f"method.name='{self.method}' seed={self.seed}"]
+        """Arguments for run.sh: the shared presets and overrides, then this job's method, seed (and variant)."""
+        variant = f" peft.name='{self.variant}'" if self.variant else ""
+        return [*overrides, f"method.name='{self.method}' seed={self.seed}{variant}"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,19 @@ def parse_methods(text: str) -> tuple[str, ...]:
         if names.count(name) > 1:
             raise UsageError(f"method {name!r} is listed twice in --methods")
     return names
+
+
+def parse_variants(text: str) -> tuple[str, ...]:
+    """A comma-separated list of known, distinct PEFT variants; ("",) when empty (the config's own)."""
+    from fedpurel_app.registry import PEFT_VARIANTS
+
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    for name in names:
+        if name not in PEFT_VARIANTS:
+            raise UsageError(f"unknown PEFT variant {name!r} in --variants; choose from {', '.join(PEFT_VARIANTS)}")
+        if names.count(name) > 1:
+            raise UsageError(f"variant {name!r} is listed twice in --variants")
+    return names or ("",)
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -135,11 +163,12 @@ def check_overrides(overrides: Sequence[str]) -> None:
                 raise UsageError(f"override {arg!r} sets {key!r}: use --{key.split('.')[0]}s instead")
 
 
-def run_command_from_env() -> list[str]:
-    """``FEDPUREL_RUN_COMMAND`` split like a shell would, else ``bash scripts/run.sh``."""
+def run_command_from_env(engine: str = "flower") -> list[str]:
+    """``FEDPUREL_RUN_COMMAND`` split like a shell would, else the ``engine``'s script."""
     text = os.environ.get(RUN_COMMAND_ENV)
     if text is None:
-        return ["bash", str(REPO / "scripts" / "run.sh")]
+        program, script = ENGINES[engine]
+        return [program, str(REPO / script)]
     command = shlex.split(text)
     if not command:
         raise UsageError(f"{RUN_COMMAND_ENV} is set but empty")
@@ -173,12 +202,15 @@ def result_problem(results: dict | None, job: Job) -> str | None:
         return f"results.json is a run of {run_method(results)!r}"
     if results.get("config", {}).get("seed") != job.seed:
         return f"results.json is a run of seed {results.get('config', {}).get('seed')!r}"
+    if job.variant and results.get("config", {}).get("peft.name") != job.variant:
+        return f"results.json is a run of PEFT variant {results.get('config', {}).get('peft.name')!r}"
     return None
 
 
 def job_signature(job: Job, overrides: Sequence[str], presets: dict[str, str]) -> dict:
     """What must match for a finished job to be reused."""
-    return {"method": job.method, "seed": job.seed, "overrides": list(overrides), "presets": presets}
+    signature = {"method": job.method, "seed": job.seed, "overrides": list(overrides), "presets": presets}
+    return {**signature, "variant": job.variant} if job.variant else signature
 
 
 def completed(job_dir: Path, job: Job, signature: dict) -> dict | None:
@@ -278,23 +310,54 @@ def format_outcome(outcome: Outcome) -> str:
 
 
 def run_all(
-    jobs: Sequence[Job], out: Path, command: Sequence[str], overrides: Sequence[str], presets: dict[str, str]
+    jobs: Sequence[Job],
+    out: Path,
+    command: Sequence[str],
+    overrides: Sequence[str],
+    presets: dict[str, str],
+    parallel: int = 1,
 ) -> list[Outcome]:
-    """Run or skip every job in order, printing one line each; a failed job does not stop the rest."""
-    outcomes = []
-    for index, job in enumerate(jobs, 1):
-        counter = f"[{index:>{len(str(len(jobs)))}}/{len(jobs)}]"
-        print(f"{counter} {job.method:<12} seed {job.seed:<3} ", end="", flush=True)
+    """Run or skip every job, ``parallel`` at a time, one line each as it ends and a progress bar
+    (jobs done, time left; on a terminal only); a failed job does not stop the rest."""
+    from tqdm import tqdm
+
+    outcomes: dict[Job, Outcome] = {}
+    pending = []
+    for job in jobs:
         signature = job_signature(job, overrides, presets)
         results = completed(job.folder(out), job, signature)
         if results is not None:
             record = read_json(job.folder(out) / JOB_FILE) or {}
-            outcome = Outcome(job, "skipped", record.get("wall_time"), results)
+            outcomes[job] = Outcome(job, "skipped", record.get("wall_time"), results)
         else:
-            outcome = run_job(job, out, command, overrides, signature)
-        print(format_outcome(outcome), flush=True)
-        outcomes.append(outcome)
-    return outcomes
+            pending.append((job, signature))
+    width = len(str(len(jobs)))
+    done = 0
+
+    def line(outcome: Outcome) -> str:
+        nonlocal done
+        done += 1
+        job = outcome.job
+        return f"[{done:>{width}}/{len(jobs)}] {job.name:<20} seed {job.seed:<3} {format_outcome(outcome)}"
+
+    for outcome in outcomes.values():
+        print(line(outcome), flush=True)
+    bar = tqdm(total=len(pending), desc="jobs", unit="job", disable=None, leave=False)
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:  # the jobs are processes: threads wait
+        futures = {pool.submit(run_job, job, out, command, overrides, sig): job for job, sig in pending}
+        try:
+            for future in as_completed(futures):
+                outcome = future.result()
+                outcomes[outcome.job] = outcome
+                bar.update()
+                tqdm.write(line(outcome))
+        except KeyboardInterrupt:
+            for future in futures:
+                future.cancel()
+            raise
+        finally:
+            bar.close()
+    return [outcomes[job] for job in jobs]
 
 
 def other_overrides(out: Path, overrides: Sequence[str], presets: dict[str, str]) -> list[Path]:
@@ -339,6 +402,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list (default: {','.join(METHODS)})")
     parser.add_argument("--seeds", default=DEFAULT_SEEDS, help=f"comma list of integers (default: {DEFAULT_SEEDS})")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--variants", default="", help="comma list of PEFT variants (default: the config's)")
+    parser.add_argument(
+        "--engine",
+        choices=sorted(ENGINES),
+        default="flower",
+        help="flower: scripts/run.sh, one job at a time; inprocess: the same computations "
+        "without Flower (bench/inprocess.py), several jobs at a time",
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="jobs at a time (inprocess engine; default 1)")
     parser.add_argument("overrides", nargs="*", help="presets (.toml) and key=value strings, as scripts/run.sh takes")
     return parser.parse_intermixed_args(list(argv))
 
@@ -348,16 +420,24 @@ def main(argv: Sequence[str] | None = None, run_command: Sequence[str] | None = 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
+        variants = parse_variants(args.variants)
         check_overrides(args.overrides)
         presets = preset_digests(args.overrides)
-        command = list(run_command) if run_command is not None else run_command_from_env()
+        command = list(run_command) if run_command is not None else run_command_from_env(args.engine)
+        if args.jobs < 1:
+            raise UsageError(f"--jobs {args.jobs}: give 1 or more")
+        if args.jobs > 1 and args.engine == "flower" and run_command is None and RUN_COMMAND_ENV not in os.environ:
+            raise UsageError(
+                "the flower engine runs one job at a time (every job starts the local SuperLink on "
+                "its one port): use --engine inprocess for --jobs > 1"
+            )
     except UsageError as error:
         print(f"compare: {error}", file=sys.stderr)
         return 2
     out = Path(args.out).resolve()
-    jobs = [Job(method, seed) for method in methods for seed in seeds]
+    jobs = [Job(method, seed, variant) for variant in variants for method in methods for seed in seeds]
     try:
-        outcomes = run_all(jobs, out, command, args.overrides, presets)
+        outcomes = run_all(jobs, out, command, args.overrides, presets, args.jobs)
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: run the same command again to resume (complete jobs are kept in {out / 'runs'})",

@@ -89,10 +89,16 @@ def to_run_config(pairs: Mapping[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    """Print the merged overrides as one --run-config string, or with ``--lines`` one key=value per line."""
+    lines = "--lines" in argv
     try:
-        pairs = merge(argv)
+        pairs = merge([arg for arg in argv if arg != "--lines"])
         check_keys(pairs, known_keys())
     except OverrideError as err:
         raise SystemExit(f"fedpurel: {err}") from None
-    print(to_run_config(pairs))
+    if lines:
+        for key, value in pairs.items():
+            print(to_run_config({key: value}))
+    else:
+        print(to_run_config(pairs))
     return 0

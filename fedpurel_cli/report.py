@@ -52,6 +52,9 @@ class Metric:
         return 1.0 if self.model == "time" else 100.0
 
 
+STABILITY_ROUNDS = 10
+
+
 METRICS = (
     Metric("gm_all", "GM All", "gm", "all"),
     Metric("gm_many", "Many", "gm", "many"),
@@ -63,10 +66,20 @@ METRICS = (
     Metric("pm_medium", "PM Medium", "pm", "medium"),
     Metric("pm_few", "PM Few", "pm", "few"),
     Metric("pm_worst_class", "PM worst class", "pm", "balancedness"),
+    Metric("gm_stability", "GM All std, last 10 rounds", "stability", "all"),
     Metric("wall_time_s", "rounds wall time (s)", "time", "wall_time"),
 )
 METRIC = {metric.key: metric for metric in METRICS}
-TABLE_METRICS = ("gm_all", "gm_many", "gm_medium", "gm_few", "gm_worst_class", "pm_all", "wall_time_s")
+TABLE_METRICS = (
+    "gm_all",
+    "gm_many",
+    "gm_medium",
+    "gm_few",
+    "gm_worst_class",
+    "pm_all",
+    "gm_stability",
+    "wall_time_s",
+)
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,22 @@ def method_name(config: dict) -> str:
     return str(config.get("method.name") or "unknown method")
 
 
+def run_variant(run: dict) -> str:
+    """The PEFT variant of one run (``peft.name`` of its config)."""
+    return str(run["config"].get("peft.name") or "unknown variant")
+
+
+def by_variant(runs: list[dict]) -> dict[str, list[dict]]:
+    """The runs of each PEFT variant, in the registry's order of variants."""
+    from fedpurel_app.registry import PEFT_VARIANTS
+
+    out: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        out[run_variant(run)].append(run)
+    order = PEFT_VARIANTS.names()
+    return {k: out[k] for k in sorted(out, key=lambda v: (order.index(v) if v in order else len(order), v))}
+
+
 def run_method(run: dict) -> str:
     """The method of one run: ``method.name`` in results.json, else from its config."""
     return (run.get("method") or {}).get("name") or method_name(run["config"])
@@ -120,6 +149,10 @@ def metric_value(run: dict, metric: Metric, zero_shot: bool = False) -> float:
     """One run's value of ``metric`` in display units; NaN when not reported or missing."""
     if metric.model == "time":
         value = None if zero_shot else run["final"].get("wall_time")
+    elif metric.model == "stability":  # the std over the last GM evaluations of Stage 1
+        values = [r["gm"][metric.field] for r in run.get("rounds", []) if r.get("phase") == "global" and "gm" in r]
+        last = values[-STABILITY_ROUNDS:]
+        value = None if zero_shot or "gm" not in reported(run) or len(last) < 2 else float(np.std(last))
     elif not zero_shot and metric.model not in reported(run):
         value = None
     else:
@@ -257,10 +290,28 @@ def markdown(runs: list[dict], plots: Iterable[str] = ()) -> str:
 
 def write_report(runs: list[dict], folder: Path) -> list[Path]:
     """Write results.md, results.csv and the PNG plots of ``runs`` into ``folder``; return the paths.
+    Runs of several PEFT variants get one report each, in ``folder/<variant>/``, and ``folder/results.md``
+    holds every variant's table.
 
     The markdown and CSV are written first; without matplotlib the plots raise
     :class:`fedpurel_cli.plots.PlotsUnavailable` after that.
     """
+    variants = by_variant(runs)
+    if len(variants) > 1:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        parts = ["# Comparison, per PEFT variant", ""]
+        for variant, some in variants.items():
+            parts += [f"## {variant}", "", table(some), "", f"Plots and CSV: [{variant}/]({variant}/results.md)", ""]
+        (folder / MARKDOWN_FILE).write_text("\n".join(parts))
+        paths = [folder / MARKDOWN_FILE]
+        for variant, some in variants.items():
+            paths += _write_one_report(some, folder / variant)
+        return paths
+    return _write_one_report(runs, folder)
+
+
+def _write_one_report(runs: list[dict], folder: Path) -> list[Path]:
     from .plots import PLOT_FILES, write_plots
 
     folder = Path(folder)
@@ -283,7 +334,8 @@ def main(argv: list[str]) -> int:
     if not runs:
         print(f"no finished runs (results.json with final metrics) below {args.folder}", file=sys.stderr)
         return 1
-    print(table(runs))
+    for variant, some in by_variant(runs).items():
+        print(f"{variant}:\n{table(some)}")
     if args.write_to:
         from .plots import PlotsUnavailable
 

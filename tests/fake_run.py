@@ -18,7 +18,7 @@ COUNTS = [100, 40, 12, 3]  # class_counts of the fake long tail
 REPORTS = {"pft": ["pm"], "lp-ft": ["gm"]}  # the other methods report both
 
 
-def fake_results(method: str, seed: int, args: list[str]) -> dict:
+def fake_results(method: str, seed: int, args: list[str], variant: str = "prompt") -> dict:
     """A complete results.json of ``method`` and ``seed`` (accuracies grow with both)."""
     base = 0.5 + 0.01 * len(method) + 0.01 * seed
     gm = {
@@ -41,7 +41,7 @@ def fake_results(method: str, seed: int, args: list[str]) -> dict:
     rounds.append({"round": 3, "phase": "personal", "pm": pm, "wall_time": 3.0})
     return {
         # results.json's config is cfg.to_flower(): flat dotted keys ("args" is the fake's own record)
-        "config": {"method.name": method, "seed": seed, "args": args},
+        "config": {"method.name": method, "seed": seed, "peft.name": variant, "args": args},
         "method": {"name": method, "reports": REPORTS.get(method, ["gm", "pm"])},
         "class_counts": COUNTS,
         "zero_shot": {"gm": {**gm, "all": 0.5, "per_class": [0.5] * 4}, "pm": {**pm, "all": 0.55}},
@@ -53,13 +53,19 @@ def fake_results(method: str, seed: int, args: list[str]) -> dict:
 def main(args: list[str]) -> int:
     method = re.search(r"(?:^| )method\.name='([^']*)'", args[-1]).group(1)
     seed = int(re.search(r"(?:^| )seed=(\d+)", args[-1]).group(1))
+    variant = re.search(r"(?:^| )peft\.name='([^']*)'", args[-1])
+    variant = variant.group(1) if variant else "prompt"
+    if os.environ.get("FAKE_RUN_SLEEP"):  # seconds: lets a test see jobs run side by side
+        import time
+
+        time.sleep(float(os.environ["FAKE_RUN_SLEEP"]))
     if os.environ.get("FAKE_RUN_LOG"):
         with open(os.environ["FAKE_RUN_LOG"], "a") as log:
             log.write(json.dumps(args) + "\n")
     output_dir = Path(os.environ["OUTPUT_DIR"])
     run_dir = output_dir / f"{len(list(output_dir.iterdir())):03d}-fake-{method}-seed{seed}"
     run_dir.mkdir(parents=True)
-    results = fake_results(method, seed, args)
+    results = fake_results(method, seed, args, variant)
     fail = os.environ.get("FAKE_RUN_FAIL") == f"{method}:{seed}"
     if fail:
         results["final"] = {}

@@ -194,7 +194,7 @@ def test_missing_folder_no_download(tmp_path, no_md5, no_network):
         msg = str(e.value)
         assert isinstance(e.value, cifar.CifarNotFoundError) and isinstance(e.value, UserError)
         assert os.path.join(str(tmp_path), folder) in msg
-        assert f"<data-root>/{folder}/" in msg and some_file in msg
+        assert f"<data.root>/{folder}/" in msg and some_file in msg
         assert "FEDPUREL_ALLOW_DOWNLOAD=1" in msg and "extracted" in msg
     assert not any(tmp_path.iterdir())  # nothing was created
 

@@ -228,16 +228,18 @@ def test_table_mean_and_std_over_seeds_by_hand(fabricated):
         "30.0 ± 0.0",
         "20.0 ± 8.2",
         "85.0 ± 4.1",
+        "–",  # stability: these runs record no rounds
         "20.0 ± 8.2",
     ]
     # PM only: every GM column is "–"; PM 60, 70: 65 ± 5; wall 5, 7: 6 ± 1
-    assert cells(text, "pft") == ["pft", "0,1", "2", "–", "–", "–", "–", "–", "65.0 ± 5.0", "6.0 ± 1.0"]
+    assert cells(text, "pft") == ["pft", "0,1", "2", "–", "–", "–", "–", "–", "65.0 ± 5.0", "–", "6.0 ± 1.0"]
     # zero-shot GM All per seed 50, 60, 70 (pft's runs of seeds 0 and 1 average in): 60 ± 8.2; no wall time
     assert cells(text, "zero-shot CLIP")[1:4] + cells(text, "zero-shot CLIP")[8:] == [
         "0,1,2",
         "3",
         "60.0 ± 8.2",
         "55.0 ± 0.0",
+        "–",
         "–",
     ]
 
@@ -303,3 +305,69 @@ def test_a_zero_shot_method_run_replaces_the_zero_shot_row(fabricated):
     write_run(fabricated, "zero-shot", 0, 0.6, 0.1, 0.6, 2)
     rows = [line.split("|")[1].strip() for line in table(load_runs(fabricated)).splitlines()[2:]]
     assert rows == ["zero-shot", "fedpurel", "pft"]
+
+
+def test_variants_give_a_job_each_and_a_report_per_variant(tmp_path, fake_log):
+    out = tmp_path / "cmp"
+    assert compare_main(out, "--methods", "promptfl,fedpurel", "--seeds", "0", "--variants", "prompt,lora") == 0
+    assert sorted(args[-1] for args in calls(fake_log)) == sorted(
+        f"method.name='{m}' seed=0 peft.name='{v}'" for v in ("prompt", "lora") for m in ("promptfl", "fedpurel")
+    )
+    for variant in ("prompt", "lora"):
+        for method in ("promptfl", "fedpurel"):
+            assert (out / "runs" / variant / method / "seed0" / "job.json").is_file()
+        assert (out / variant / "results.md").is_file() and (out / variant / "results.csv").is_file()
+    combined = (out / "results.md").read_text()
+    assert "## prompt" in combined and "## lora" in combined
+    # resumable per variant: nothing runs again
+    before = len(calls(fake_log))
+    assert compare_main(out, "--methods", "promptfl,fedpurel", "--seeds", "0", "--variants", "prompt,lora") == 0
+    assert len(calls(fake_log)) == before
+
+
+def test_jobs_run_side_by_side_with_one_line_each_in_job_order_of_completion(tmp_path, fake_log, monkeypatch, capsys):
+    import time
+
+    monkeypatch.setenv("FAKE_RUN_SLEEP", "1.0")
+    started = time.perf_counter()
+    assert (
+        compare.main(
+            [
+                "--out",
+                str(tmp_path / "cmp"),
+                "--methods",
+                "promptfl,fedpurel",
+                "--seeds",
+                "0,1",
+                "--engine",
+                "inprocess",
+                "--jobs",
+                "4",
+            ],
+            run_command=FAKE_RUN,
+        )
+        == 0
+    )
+    assert time.perf_counter() - started < 3.5, "4 jobs of 1 s each ran at once, not one after another"
+    lines = job_lines(capsys.readouterr().out)
+    assert [line.split("]")[0] for line in lines] == ["[1/4", "[2/4", "[3/4", "[4/4"]
+
+
+def test_the_flower_engine_refuses_parallel_jobs(tmp_path, capsys):
+    assert compare.main(["--out", str(tmp_path), "--jobs", "2"]) == 2
+    assert "one job at a time" in capsys.readouterr().err
+
+
+def test_the_inprocess_engine_runs_scripts_run_inprocess(monkeypatch):
+    monkeypatch.delenv("FEDPUREL_RUN_COMMAND", raising=False)
+    command = compare.run_command_from_env("inprocess")
+    assert command[-1].endswith("scripts/run-inprocess.sh") and Path(command[-1]).is_file()
+
+
+def test_the_stability_column_is_the_std_of_gm_all_over_the_last_ten_global_rounds():
+    from fedpurel_cli.report import METRIC, metric_value
+
+    rounds = [{"round": r, "phase": "global", "gm": {"all": 0.5 + 0.01 * (r % 2)}} for r in range(1, 13)]
+    rounds.append({"round": 13, "phase": "personal", "pm": {"all": 0.9}})
+    run = {"config": {}, "rounds": rounds, "final": {"gm": {"all": 0.5}}}
+    assert metric_value(run, METRIC["gm_stability"]) == pytest.approx(0.5)  # std of 0.50/0.51 alternating, in %

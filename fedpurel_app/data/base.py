@@ -97,6 +97,8 @@ class DatasetBundle:
                 only to pretrain the embedded tiny CLIP; ``None`` for datasets
                 evaluated with real pretrained CLIP weights.
     captions:   caption templates (each with one ``{}``) for that pretraining.
+    backbone:   the dataset whose embedded CLIP this one uses ("" = its own): a shifted
+                variant of a dataset shares the CLIP pretrained on the original.
     """
 
     name: str
@@ -106,6 +108,7 @@ class DatasetBundle:
     template: str = DEFAULT_TEMPLATE
     pretrain: Split | None = None
     captions: tuple[str, ...] = ()
+    backbone: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classnames", tuple(self.classnames))
