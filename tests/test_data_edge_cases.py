@@ -138,7 +138,7 @@ def test_alpha_0_01_concentrates_each_class_on_one_client():
 
 
 def test_alpha_0_01_that_cannot_feed_every_client_stops_with_advice():
-    with pytest.raises(DataError, match="Dirichlet split failed: after 50 draws.*raise alpha"):
+    with pytest.raises(DataError, match="Dirichlet split failed: after 50 draws.*raise data\\.dirichlet-alpha"):
         dirichlet_split(np.repeat(np.arange(C), 20), 20, 0.01, 4, np.random.default_rng(0), max_tries=50)
 
 
@@ -163,6 +163,6 @@ def test_more_clients_than_samples_through_the_run_config_is_one_setup_message(s
     from fedpurel_app.data.client import fedlt_split
     from fedpurel_app.errors import UserError
 
-    with pytest.raises(DataError, match="Dirichlet split impossible.*lower num_clients") as err:
+    with pytest.raises(DataError, match="Dirichlet split impossible.*use fewer clients") as err:
         fedlt_split(small_cfg.data, small_cfg.seed, 5000)
     assert isinstance(err.value, UserError)

@@ -131,13 +131,13 @@ def test_dirichlet_impossible_raises_before_trying():
     with pytest.raises(DataError) as e:
         dirichlet_split(lab, 10, 1.0, 2, np.random.default_rng(0))
     msg = str(e.value)
-    assert "15" in msg and "10" in msg and "20" in msg and "min_samples" in msg
+    assert "15" in msg and "10" in msg and "20" in msg and "data.min-client-samples" in msg
 
 
 def test_dirichlet_gives_up_with_message():
     # possible in principle, but alpha tiny + 1 class + many clients: never balanced
     lab = np.zeros(100, dtype=np.int64)
-    with pytest.raises(DataError, match="raise alpha"):
+    with pytest.raises(DataError, match=r"raise data\.dirichlet-alpha"):
         dirichlet_split(lab, 10, 0.001, 5, np.random.default_rng(0), max_tries=20)
 
 

@@ -104,7 +104,15 @@ def test_the_builtin_parts():
         "promptfolio",
         "fed-grab",
     }
-    assert {"mnist", "mnist-animals", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt"} == set(DATASETS)
+    assert {
+        "mnist",
+        "mnist-animals",
+        "mnist-animals-blur",
+        "cifar10-lt",
+        "cifar100-lt",
+        "imagenet-lt",
+        "places-lt",
+    } == set(DATASETS)
     from fedpurel_app.peft.adapter import AdapterConfig, AdapterPeft
     from fedpurel_app.peft.lora import LoraOptions, LoraPeft
     from fedpurel_app.peft.prompt import PromptConfig, PromptPeft
