@@ -120,3 +120,33 @@ def test_bad_prompt_knobs_are_config_errors():
         make_cfg({"peft.prompt.n-ctx": 0})
     with pytest.raises(ConfigError, match=r"peft\.prompt\.lr"):
         make_cfg({"peft.prompt.lr": -1.0})
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 19])
+def test_chunked_text_features_equal_the_unchunked(clip, classnames, chunk):
+    """Classes through the text tower in chunks: the same features (1e-6) and gradients, with and
+    without gradient; automatic chunking only chunks a pass without gradient."""
+    whole = PromptPeft(clip, classnames, n_ctx=4, ctx_init="", class_chunk=len(classnames))
+    parts = PromptPeft(clip, classnames, n_ctx=4, ctx_init="", class_chunk=chunk)
+    assert parts.chunk_size(parts.phi_g) == chunk < len(classnames)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            parts.text_features(parts.phi_g), whole.text_features(whole.phi_g), atol=1e-6, rtol=0
+        )
+    a, b = whole.text_features(whole.phi_g), parts.text_features(parts.phi_g)
+    torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+    (ga,) = torch.autograd.grad(a.square().sum() + a[:, 0].sum(), whole.phi_g.ctx)
+    (gb,) = torch.autograd.grad(b.square().sum() + b[:, 0].sum(), parts.phi_g.ctx)
+    torch.testing.assert_close(gb, ga, atol=1e-6, rtol=0)
+
+
+def test_automatic_chunking_chunks_only_without_gradient(clip, classnames, monkeypatch):
+    peft = PromptPeft(clip, classnames, n_ctx=4, ctx_init="")
+    monkeypatch.setattr(PromptPeft, "AUTO_CHUNK", 6)
+    assert peft.class_chunk == 0 and peft.chunk_size(peft.phi_g) == len(classnames)
+    with torch.no_grad():
+        assert peft.chunk_size(peft.phi_g) == 6
+        chunked = peft.text_features(peft.phi_g)
+    torch.testing.assert_close(chunked, peft.text_features(peft.phi_g).detach(), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="class_chunk must be >= 0"):
+        PromptPeft(clip, classnames, class_chunk=-1)

@@ -9,6 +9,14 @@ through the text encoder only:
 
 The text transformer is causal and pooled at the EOT token, so token sequences
 are truncated to ``max(EOT) + 1``: identical features, far less compute.
+
+Classes go through the text tower in chunks of ``class_chunk`` (a constructor
+argument and attribute, not a run-config key): each class's features depend on
+its own tokens only, so chunking changes no value beyond float rounding (tested
+to 1e-6). ``class_chunk = 0`` (default) chunks automatically: a pass without
+gradient (evaluation, Stage 2's frozen l_G) in chunks of :attr:`PromptPeft.AUTO_CHUNK`
+classes, a pass with gradient at once (its backward pass keeps every chunk's
+activations anyway, so chunking would not lower its peak memory).
 """
 
 from __future__ import annotations
@@ -48,6 +56,9 @@ def _text_tower(model: nn.Module) -> nn.Module:
 class PromptPeft(PeftVariant):
     """CoOp prompt learning with a global and a private context."""
 
+    #: Classes per text-tower pass of an automatic chunking (``class_chunk = 0``) without gradient.
+    AUTO_CHUNK = 256
+
     def __init__(
         self,
         clip: Clip,
@@ -55,8 +66,13 @@ class PromptPeft(PeftVariant):
         n_ctx: int = 4,
         ctx_init: str = "a photo of a",
         seed: int = 0,
+        class_chunk: int = 0,
     ) -> None:
         super().__init__()
+        if class_chunk < 0:
+            raise ValueError(f"class_chunk must be >= 0 (0: automatic), got {class_chunk}")
+        #: Classes per pass of the text tower; 0: automatic (see the module's docstring).
+        self.class_chunk = class_chunk
         tower = _text_tower(clip.model)
         # Frozen modules are used, not owned: keep them out of this module's state.
         self._tower = (tower,)
@@ -108,14 +124,33 @@ class PromptPeft(PeftVariant):
             return tower.token_embedding(tokens)[0, 1 : 1 + n_ctx].clone()
 
     def text_features(self, branch: nn.Module) -> torch.Tensor:
-        """L2-normalised class text features [C, D] for a branch's context."""
-        tower = self._tower[0]
+        """L2-normalised class text features [C, D] for a branch's context (chunked over classes
+        as :attr:`class_chunk` says)."""
         num_classes = self.prefix.shape[0]
-        ctx = branch.ctx.unsqueeze(0).expand(num_classes, -1, -1)
-        x = torch.cat([self.prefix, ctx, self.suffix], dim=1) + self.positional
+        chunk = self.chunk_size(branch)
+        if chunk >= num_classes:
+            return self._text_features(branch, 0, num_classes)
+        return torch.cat(
+            [self._text_features(branch, s, min(s + chunk, num_classes)) for s in range(0, num_classes, chunk)]
+        )
+
+    def chunk_size(self, branch: nn.Module) -> int:
+        """Classes per text-tower pass: :attr:`class_chunk`, or automatically all of them in a pass
+        with gradient and :attr:`AUTO_CHUNK` in one without."""
+        if self.class_chunk:
+            return self.class_chunk
+        with_grad = torch.is_grad_enabled() and branch.ctx.requires_grad
+        return self.prefix.shape[0] if with_grad else self.AUTO_CHUNK
+
+    def _text_features(self, branch: nn.Module, start: int, stop: int) -> torch.Tensor:
+        """Text features of classes ``start`` to ``stop`` - 1."""
+        tower = self._tower[0]
+        count = stop - start
+        ctx = branch.ctx.unsqueeze(0).expand(count, -1, -1)
+        x = torch.cat([self.prefix[start:stop], ctx, self.suffix[start:stop]], dim=1) + self.positional
         x = tower.transformer(x, attn_mask=self.attn_mask)
         x = tower.ln_final(x)
-        x = x[torch.arange(num_classes, device=x.device), self.eot]
+        x = x[torch.arange(count, device=x.device), self.eot[start:stop]]
         projection = tower.text_projection
         if projection is not None:
             x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
