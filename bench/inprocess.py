@@ -10,7 +10,11 @@ the Flower app adds is replaced by the same arithmetic:
   partition order; all of them in round 1 with ``train.all-clients-first-round``);
 - aggregation: Flower's FedAvg (``aggregate_arrayrecords`` / ``aggregate_metricrecords``):
   numpy float32 arrays times ``n_k / sum n``, summed in partition order;
-- PM metrics from the clients' evaluations in partition order.
+- PM metrics from the clients' evaluations in partition order;
+- with ``dp.enabled``: every update clipped to ``dp.clipping-norm`` (``fedpurel_app.privacy.clip_update``,
+  what Flower's ``fixedclipping_mod`` does on a client), the release ``private_mean`` over the sampled
+  clients, and the accounting ``ServerRun.start_privacy`` / ``privacy_release``, as the ServerApp
+  (epsilon is exactly the app's; the noise is random, so phi_g, GM and PM are not).
 
 So the global model, GM and every per-round record match a Flower simulation
 of the same run config with ``NUM_SUPERNODES`` = ``--clients`` (the clients
@@ -22,6 +26,7 @@ quickly and to measure the framework's overhead.
     python bench/inprocess.py --methods promptfl,fedpurel --seeds 0,1 --clients 20
     python bench/inprocess.py --set train.rounds=2 --set personalize.rounds=1 --clients 4 --history
     python bench/inprocess.py --compare outputs/<run>/results.json    # check against a Flower run
+    python bench/inprocess.py --set dp.enabled=true --set dp.noise-multiplier=1.0    # with client-level DP
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from common import ROOT, node, parse_sets, run_cfg  # noqa: E402
 
 from fedpurel_app.client import Client, DictMemory, node_state_dir  # noqa: E402
 from fedpurel_app.config import RunConfig  # noqa: E402
+from fedpurel_app.privacy import clip_update, private_mean, update_norm  # noqa: E402
 from fedpurel_app.protocol import Instruction, TrainReply  # noqa: E402
 from fedpurel_app.server import ServerRun  # noqa: E402
 
@@ -75,8 +81,11 @@ def fedavg(results: list[tuple[dict[str, torch.Tensor], TrainReply]]) -> tuple[d
     return {key: torch.from_numpy(np.asarray(value)) for key, value in arrays.items()}, metrics
 
 
-def run_inprocess(cfg: RunConfig, num_clients: int, keep_node_state: bool = False) -> dict:
-    """Execute ``cfg``'s round plan on ``num_clients`` in-process clients; results and timings."""
+def run_inprocess(
+    cfg: RunConfig, num_clients: int, keep_node_state: bool = False, norms: list[list[float]] | None = None
+) -> dict:
+    """Execute ``cfg``'s round plan on ``num_clients`` in-process clients; results and timings.
+    ``norms``: when a list, each Stage-1 round appends the sampled clients' unclipped update norms."""
     t0 = time.perf_counter()
     run = ServerRun(cfg, ROOT)
     nodes = [node(k, num_clients) for k in range(num_clients)]
@@ -85,8 +94,12 @@ def run_inprocess(cfg: RunConfig, num_clients: int, keep_node_state: bool = Fals
     setup_s = time.perf_counter() - t0
     timings = {"train": 0.0, "personalize": 0.0, "evaluate": 0.0, "gm": 0.0}
 
-    def client(k: int, server_round: int, evaluate: bool = False) -> Client:
-        return Client(cfg, nodes[k], memories[k], Instruction(server_round, run.tag, prior, evaluate))
+    dp = cfg.dp if cfg.dp.enabled else None
+    noise_multiplier = run.start_privacy(num_clients) if dp is not None else 0.0
+
+    def client(k: int, server_round: int, evaluate: bool = False, train: bool = False) -> Client:
+        clipping = dp.clipping_norm if train and dp is not None else None
+        return Client(cfg, nodes[k], memories[k], Instruction(server_round, run.tag, prior, evaluate, clipping))
 
     def evaluate_pm(server_round: int) -> dict | None:
         start = time.perf_counter()
@@ -96,14 +109,25 @@ def run_inprocess(cfg: RunConfig, num_clients: int, keep_node_state: bool = Fals
 
     history = []
     for index, step in enumerate(run.plan.steps):
-        gm = pm = train = None
+        gm = pm = train = privacy = None
         sampled: list[int] = []
         if step.phase == "zero-shot" and step.pm:
             pm = evaluate_pm(0)
         if step.train:
             start = time.perf_counter()
             sampled = sample(cfg, step.round, num_clients)
-            run.phi_g, train = fedavg([client(k, step.round).train(run.phi_g) for k in sampled])
+            replies = [client(k, step.round, train=True).train(run.phi_g) for k in sampled]
+            if norms is not None:
+                norms.append([update_norm(phi, run.phi_g) for phi, _ in replies])
+            if dp is not None:  # the clients' fixedclipping_mod, then the strategy's release and accounting
+                replies = [(clip_update(phi, run.phi_g, dp.clipping_norm), reply) for phi, reply in replies]
+                _, train = fedavg(replies)
+                run.phi_g = private_mean(
+                    run.phi_g, [phi for phi, _ in replies], len(sampled), noise_multiplier, dp.clipping_norm
+                )
+                privacy = run.privacy_release(len(sampled))
+            else:
+                run.phi_g, train = fedavg(replies)
             train["clients"] = len(sampled)
             timings["train"] += time.perf_counter() - start
         if step.personalize:
@@ -120,7 +144,7 @@ def run_inprocess(cfg: RunConfig, num_clients: int, keep_node_state: bool = Fals
             timings["gm"] += time.perf_counter() - start
         if step.pm and step.phase != "zero-shot" and step.personalize != "all":
             pm = evaluate_pm(step.round)
-        run.record(step, gm=gm, pm=pm, train=train)
+        run.record(step, gm=gm, pm=pm, train=train, privacy=privacy)
         run.checkpoint(index, step)
         if step.phase != "zero-shot":
             history.append(
@@ -131,6 +155,7 @@ def run_inprocess(cfg: RunConfig, num_clients: int, keep_node_state: bool = Fals
                     "gm_few": gm and gm["few"],
                     "pm_all": pm and pm["all"],
                     "conflict": (train or {}).get("conflict-rate"),
+                    **({"epsilon": privacy["epsilon"]} if privacy else {}),
                 }
             )
     run.finish()
@@ -233,6 +258,10 @@ def main() -> None:
                 "timings_s": {k: round(v, 1) for k, v in out["timings"].items()},
                 "results": str(Path(out["run_dir"]) / "results.json"),
             }
+            if "privacy" in results:
+                record["privacy"] = {
+                    k: results["privacy"][k] for k in ("epsilon", "delta", "noise_multiplier", "clipping_norm")
+                }
             if args.per_class and "gm" in final:
                 record["zero_shot_per_class"] = results["zero_shot"]["gm"]["per_class"]
                 record["gm_per_class"] = final["gm"]["per_class"]
