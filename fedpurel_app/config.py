@@ -108,9 +108,10 @@ class DataConfig(Section):
     """The dataset and the Fed-LT protocol (docs/METHOD.md "Fed-LT protocol")."""
 
     name: str = knob(
-        "mnist-animals",
-        "dataset: embedded 'mnist-animals' (20 classes) | 'mnist' (10); or 'cifar10-lt' | 'cifar100-lt' | "
-        "'imagenet-lt' | 'places-lt' from data.root",
+        "mnist-animals-blur",
+        "dataset: embedded 'mnist-animals-blur' (20 classes, blurred against the CLIP's clean pretraining) | "
+        "'mnist-animals' (the same, unshifted) | 'mnist' (10); or 'cifar10-lt' | 'cifar100-lt' | 'imagenet-lt' | "
+        "'places-lt' from data.root",
     )
     root: str = knob("", "folder of on-disk datasets (unused by the embedded ones)")
     n_max: int = knob(
