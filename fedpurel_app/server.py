@@ -28,7 +28,7 @@ from .plan import Step
 from .privacy import PrivacyAccountant, noise_for_epsilon
 from .protocol import Evaluation
 from .results import RunRecorder, new_run_dir
-from .tkl import temperature_aligned_kl
+from .tkl import confidence_gap
 from .tracking import Tracking
 from .training import autocast, resolve_precision
 
@@ -96,6 +96,8 @@ class ServerRun:
             # Names the run for its nodes; kept through resume (it is in the checkpointed results).
             self.recorder.data["run"] = f"{self.run_dir.name}-{secrets.token_hex(4)}"
             self.resumed_phase = ""
+        # Where this server process computes and under which autocast (bench/gpu_check.py reads it).
+        self.recorder.data["device"] = {"device": str(clip.device), "precision": self.precision}
         completed_round = self.plan.steps[self.done].round if self.done >= 0 else -1
         self.tracking = Tracking(
             cfg.track,
@@ -166,25 +168,24 @@ class ServerRun:
     # --- evaluation ------------------------------------------------------------------------
 
     def evaluate_gm(self) -> dict[str, Any]:
-        """GM metrics of phi_g on the balanced test set, plus TKL(z || l_G) there."""
+        """GM metrics of phi_g on the balanced test set, plus how its confidence differs from zero-shot's
+        there (:func:`fedpurel_app.tkl.confidence_gap`: TKL and KL from z to l_G, entropies)."""
         cfg, test = self.cfg, self.test
         self.peft.load_global_state(self.phi_g)
         with torch.no_grad(), autocast(test.features.device, self.precision):
             logits = self.peft.global_logits(test.features).float()
-        with torch.no_grad():
-            divergence = temperature_aligned_kl(
-                logits,
-                test.zero_shot_logits,
-                tau_min=cfg.tkl.tau_min,
-                tau_max=cfg.tkl.tau_max,
-                tol=cfg.tkl.tol,
-                max_iter=cfg.tkl.max_iter,
-            )
+        solve = {
+            "tau_min": cfg.tkl.tau_min,
+            "tau_max": cfg.tkl.tau_max,
+            "tol": cfg.tkl.tol,
+            "max_iter": cfg.tkl.max_iter,
+        }
+        gap = confidence_gap(logits, test.zero_shot_logits, **solve)
         preds = logits.argmax(dim=-1).cpu().numpy()
         summary = gm_summary(
             preds, test.labels.cpu().numpy(), self.counts, cfg.data.many_threshold, cfg.data.few_threshold
         )
-        summary["tkl_to_zero_shot"] = float(divergence)
+        summary.update(gap)
         return summary
 
     def evaluate_zero_shot(self) -> dict[str, Any]:

@@ -286,3 +286,26 @@ def temperature_aligned_kl(
     if kl.numel() == 0:
         return kl.sum()
     return kl.mean()
+
+
+def confidence_gap(student_logits: Tensor, teacher_logits: Tensor, **solve_kwargs: Any) -> dict[str, float]:
+    """How far the student's confidence is from the teacher's, and what TKL's alignment removes
+    (docs/METHOD.md "TKL"; the README's check of TKL against KL reads it).
+
+    - ``entropy``, ``zero_shot_entropy``: ``mean_b H(softmax(f_b))`` and ``mean_b H(softmax(z_b))``;
+    - ``kl_to_zero_shot``: plain ``mean_b KL(softmax(z_b) || softmax(f_b))`` (the ``fedpurel-kl`` loss);
+    - ``tkl_to_zero_shot``: the same after the alignment (:func:`temperature_aligned_kl`);
+    - ``tau_ratio``: the median over rows of ``tau_f / tau_z`` (:func:`aligned_temperatures`):
+      1 when the two are equally confident, above 1 when the student is the more confident.
+
+    The part of KL that is a confidence gap is ``kl - tkl``: with no gap the two are equal.
+    """
+    tau_f, tau_z = aligned_temperatures(student_logits, teacher_logits, **solve_kwargs)
+    with torch.no_grad():
+        return {
+            "entropy": float(entropy(student_logits).mean()),
+            "zero_shot_entropy": float(entropy(teacher_logits).mean()),
+            "kl_to_zero_shot": float(temperature_aligned_kl(student_logits, teacher_logits, aligned=False)),
+            "tkl_to_zero_shot": float(temperature_aligned_kl(student_logits, teacher_logits, **solve_kwargs)),
+            "tau_ratio": float((tau_f / tau_z).median()),
+        }

@@ -363,3 +363,39 @@ def test_empty_batch_and_shape_mismatch():
     assert loss.item() == 0.0
     with pytest.raises(ValueError):
         temperature_aligned_kl(torch.zeros(2, 5), torch.zeros(2, 4))
+
+
+def test_confidence_gap_by_hand():
+    """z uniform over 2 classes, f = [ln 3, 0] (p = 3/4, 1/4): the student is the more confident."""
+    from fedpurel_app.tkl import confidence_gap
+
+    z = torch.zeros(1, 2)
+    f = torch.tensor([[math.log(3.0), 0.0]])
+    gap = confidence_gap(f, z)
+    h_f = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert gap["entropy"] == pytest.approx(h_f, abs=1e-6)
+    assert gap["zero_shot_entropy"] == pytest.approx(math.log(2.0), abs=1e-6)
+    # KL(u || p) = 1/2 (ln 1/2 - ln 3/4) + 1/2 (ln 1/2 - ln 1/4)
+    assert gap["kl_to_zero_shot"] == pytest.approx(0.5 * math.log(2 / 3) + 0.5 * math.log(2.0), abs=1e-6)
+    # Aligned: the uniform teacher keeps tau_z = 1; tau_f brings H(f / tau_f) to (H(f) + ln 2) / 2.
+    target = 0.5 * (h_f + math.log(2.0))
+    lo, hi = 1.0, 20.0  # H(softmax(f / tau)) grows with tau: bisect by hand
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        q = 1.0 / (1.0 + 3.0 ** (-1.0 / mid))
+        lo, hi = (mid, hi) if -(q * math.log(q) + (1 - q) * math.log(1 - q)) < target else (lo, mid)
+    q = 1.0 / (1.0 + 3.0 ** (-1.0 / lo))
+    assert gap["tau_ratio"] == pytest.approx(lo, rel=1e-3)
+    assert gap["tkl_to_zero_shot"] == pytest.approx(0.5 * math.log(0.5 / q) + 0.5 * math.log(0.5 / (1 - q)), abs=1e-4)
+    assert 0 < gap["tkl_to_zero_shot"] < gap["kl_to_zero_shot"]
+
+
+def test_confidence_gap_of_identical_logits_is_none():
+    from fedpurel_app.tkl import confidence_gap
+
+    logits = torch.randn(8, 5) * 3
+    gap = confidence_gap(logits, logits.clone())
+    assert gap["kl_to_zero_shot"] == pytest.approx(0.0, abs=1e-6)
+    assert gap["tkl_to_zero_shot"] == pytest.approx(0.0, abs=1e-5)
+    assert gap["tau_ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert gap["entropy"] == pytest.approx(gap["zero_shot_entropy"])
