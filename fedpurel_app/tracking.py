@@ -7,13 +7,15 @@ as it ends (``track.*`` keys):
   one step per round (0 = zero-shot): ``gm/*`` and ``pm/*`` (all, many,
   medium, few, balancedness, ...), ``train/*`` (the losses, the conflict rate
   and mean cosine of purification, the sampled clients), ``round/*`` (clients
-  that replied, bytes sent and received, the step's wall time), the per-class
-  accuracy as a histogram (``gm/per_class``, ``pm/per_class``) and, every
-  ``track.image-every`` rounds and at the last, an image of per-class accuracy
-  against the class's training count (``classes/accuracy_vs_count``). At the
-  end, the run config as hyper-parameters with the final metrics (TensorBoard's
-  HParams view). A resumed run continues its curves: the writer purges what the
-  killed run wrote after its last checkpointed step.
+  that replied, bytes sent and received, the step's wall time and the run's;
+  once per round: a plan's final PM evaluation under the last round adds only
+  its ``pm/*`` to that round), the per-class accuracy as a histogram
+  (``gm/per_class``, ``pm/per_class``) and, every ``track.image-every`` rounds
+  and at the last, an image of per-class accuracy against the class's training
+  count (``classes/accuracy_vs_count``). At the end, the run config as
+  hyper-parameters with the final metrics (``final/*``, at the last step;
+  TensorBoard's HParams view). A resumed run continues its curves: the writer
+  purges what the killed run wrote after its last checkpointed step.
 - **MLflow** (``track.mlflow``): the same scalars and the config as params in a
   local store (``track.mlflow-uri``, default the SQLite file ``<output-dir>/mlflow.db``;
   no server, no network), one MLflow run per fedpurel run, resumed with it.
@@ -109,14 +111,14 @@ class TensorBoardWriter:
             self.writer.add_image("classes/accuracy_vs_count", image, step, dataformats="HWC")
         self.writer.flush()
 
-    def finish(self, config: Mapping[str, Any], final: Mapping[str, float]) -> None:
+    def finish(self, config: Mapping[str, Any], final: Mapping[str, float], step: int) -> None:
         from torch.utils.tensorboard.summary import hparams
 
         hp = {key: hparam_value(value) for key, value in config.items()}
         for summary in hparams(hp, dict(final)):
             self.writer.file_writer.add_summary(summary)
         for tag, value in final.items():
-            self.writer.add_scalar(tag, value)
+            self.writer.add_scalar(tag, value, step)
         self.writer.close()
 
 
@@ -150,9 +152,9 @@ class MlflowWriter:
         metrics = [Metric(tag.replace("/", "."), value, now, step) for tag, value in scalars.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
-    def finish(self, final: Mapping[str, float]) -> None:
+    def finish(self, final: Mapping[str, float], step: int) -> None:
         for tag, value in final.items():
-            self.client.log_metric(self.run_id, tag.replace("/", "."), value)
+            self.client.log_metric(self.run_id, tag.replace("/", "."), value, step=step)
         self.client.set_terminated(self.run_id)
 
 
@@ -177,6 +179,9 @@ class Tracking:
             uri = track.mlflow_uri or f"sqlite:///{output_dir / 'mlflow.db'}"
             self.mlflow = MlflowWriter(uri, run_dir.name, mlflow_run, config)
         self.config = config
+        # The next round to begin; a step below it is a later step of a round already recorded (the
+        # plan's final PM evaluation under the last round), which adds its metrics but not its round/* costs.
+        self.next_step = first_step
 
     @property
     def mlflow_run(self) -> str | None:
@@ -192,6 +197,9 @@ class Tracking:
         last: bool = False,
     ) -> None:
         scalars = step_scalars(gm, pm, train, extras)
+        if step < self.next_step:
+            scalars = {tag: value for tag, value in scalars.items() if not tag.startswith("round/")}
+        self.next_step = max(self.next_step, step + 1)
         if self.tensorboard:
             self.tensorboard.step(step, scalars, gm, pm, last)
         if self.mlflow:
@@ -205,6 +213,6 @@ class Tracking:
             if key in ("all", "many", "medium", "few", "balancedness") and isinstance(value, (int, float))
         }
         if self.tensorboard:
-            self.tensorboard.finish(self.config, metrics)
+            self.tensorboard.finish(self.config, metrics, max(self.next_step - 1, 0))
         if self.mlflow:
-            self.mlflow.finish(metrics)
+            self.mlflow.finish(metrics, max(self.next_step - 1, 0))
