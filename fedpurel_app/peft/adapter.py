@@ -53,7 +53,13 @@ ADAPTER_INITS = ("zero-shot", "random")
 
 
 class AdapterConfig(PeftConfig):
-    """FedCLIP attention adapter on the cached image embedding (peft.adapter.*)."""
+    """FedCLIP attention adapter on the cached image embedding (peft.adapter.*).
+
+    Learning rates chosen on a validation split of the embedded default (bench/tune.py; README
+    "Per-variant defaults"); the paper presets set the paper's."""
+
+    lr: float = knob(0.1, "Stage-1 SGD learning rate of phi_g", role="training", gt=0.0)
+    personal_lr: float = knob(0.2, "Stage-2 SGD learning rate of phi_k", role="training", gt=0.0)
 
     init: Literal["zero-shot", "random"] = knob(
         "zero-shot", "'zero-shot': W2 = 0, starts exactly at zero-shot | 'random': FedCLIP's default init"

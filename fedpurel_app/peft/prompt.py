@@ -33,7 +33,13 @@ from .base import PeftVariant
 
 
 class PromptConfig(PeftConfig):
-    """CoOp prompt: learned context vectors of the text encoder (peft.prompt.*)."""
+    """CoOp prompt: learned context vectors of the text encoder (peft.prompt.*).
+
+    Learning rates chosen on a validation split of the embedded default (bench/tune.py; README
+    "Per-variant defaults"); the paper presets set the paper's."""
+
+    lr: float = knob(0.1, "Stage-1 SGD learning rate of phi_g", role="training", gt=0.0)
+    personal_lr: float = knob(0.1, "Stage-2 SGD learning rate of phi_k", role="training", gt=0.0)
 
     n_ctx: int = knob(4, "number of context vectors", ge=1, le=16)
     ctx_init: str = knob("a photo of a", "phrase whose embeddings initialise the context; '' = N(0, 0.02^2)")
