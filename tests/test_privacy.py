@@ -193,6 +193,39 @@ def test_dp_off_aggregates_exactly_as_plain_fedavg_and_sends_no_clipping_norm():
     assert np.array_equal(arrays.to_torch_state_dict()["w"].numpy(), expected.astype(np.float32))
 
 
+def test_dp_off_is_bitwise_the_run_without_any_dp_key(tmp_path):
+    """A whole run with ``dp.enabled = false`` and every other dp key far from its default gives bitwise
+    the phi_g and the round results of the run config without a dp key (the config of every run before
+    DP existed): DP off neither clips, nor adds noise, nor changes the weighting or the messages."""
+    from safetensors.torch import load_file
+
+    base = {
+        **SMALL_RUN,
+        "train.rounds": 2,
+        "personalize.rounds": 1,
+        "train.min-nodes": 2,
+        "train.fraction": 0.5,
+        "data.client-test-size": 10,
+    }
+    off = {"dp.enabled": False, "dp.clipping-norm": 1e-6, "dp.noise-multiplier": 50.0, "dp.delta": 0.5}
+    outcomes = []
+    for name, run in (("plain", base), ("off", {**base, **off})):
+        run = {**run, "output-dir": str(tmp_path / name)}
+        grid = DirectGrid(run, 2)
+        run_server(run, grid)
+        folder = only_run_dir(tmp_path / name)
+        results = json.loads((folder / "results.json").read_text())
+        assert "privacy" not in results and all("privacy" not in r for r in results["rounds"])
+        configs = [m.content[protocol.CONFIG] for m in grid.sent]
+        assert all(protocol.CLIPPING_NORM not in c for c in configs), "no message asks for clipping"
+        drop = lambda d: {k: v for k, v in d.items() if k != "wall_time"}  # noqa: E731
+        comparable = {"rounds": [drop(r) for r in results["rounds"]], "final": drop(results["final"])}
+        outcomes.append((comparable, load_file(str(folder / "phi_g.safetensors"))))
+    (plain, plain_phi), (dp_off, off_phi) = outcomes
+    assert dp_off == plain
+    assert plain_phi.keys() == off_phi.keys() and all(torch.equal(plain_phi[k], off_phi[k]) for k in plain_phi)
+
+
 def test_a_dp_run_reports_the_privacy_spent_every_round(tmp_path):
     run = {
         **SMALL_RUN,
