@@ -140,8 +140,11 @@ class MlflowWriter:
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment("fedpurel")
             run = self.client.create_run(experiment_id, run_name=run_name)
             self.run_id = run.info.run_id
-            for key, value in config.items():
-                self.client.log_param(self.run_id, key, str(value)[:500])
+            from mlflow.entities import Param
+
+            params = [Param(key, str(value)[:500]) for key, value in config.items()]
+            for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+                self.client.log_batch(self.run_id, params=params[start : start + 100])
         else:
             self.run_id = run_id
 
@@ -150,11 +153,11 @@ class MlflowWriter:
 
         now = int(time.time() * 1000)
         metrics = [Metric(tag.replace("/", "."), value, now, step) for tag, value in scalars.items()]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
 
     def finish(self, final: Mapping[str, float], step: int) -> None:
-        for tag, value in final.items():
-            self.client.log_metric(self.run_id, tag.replace("/", "."), value, step=step)
+        self.step(step, final)
         self.client.set_terminated(self.run_id)
 
 

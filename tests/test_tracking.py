@@ -169,6 +169,11 @@ def test_mlflow_in_a_local_store_without_network(tmp_path, monkeypatch):
         0: pytest.approx(results["zero_shot"]["gm"]["all"]),
         **{r["round"]: pytest.approx(r["gm"]["all"]) for r in results["rounds"] if "gm" in r},
     }
+    assert len(run_info.data.params) == len(results["config"]), "every config key, in batches of at most 100"
+    final = client.get_metric_history(results["mlflow_run"], "final.gm_all")
+    assert [(m.step, m.value) for m in final] == [
+        (results["rounds"][-1]["round"], pytest.approx(results["final"]["gm"]["all"]))
+    ]
     assert run_info.info.status == "FINISHED"
 
 
