@@ -88,7 +88,13 @@ def parse_targets(spec: str) -> str | list[str]:
 
 
 class LoraOptions(PeftConfig):
-    """LoRA on the vision encoder, through the peft library (peft.lora.*)."""
+    """LoRA on the vision encoder, through the peft library (peft.lora.*).
+
+    Learning rates chosen on a validation split of the embedded default (bench/tune.py; README
+    "Per-variant defaults"); the paper presets set the paper's."""
+
+    lr: float = knob(0.005, "Stage-1 SGD learning rate of phi_g", role="training", gt=0.0)
+    personal_lr: float = knob(0.1, "Stage-2 SGD learning rate of phi_k", role="training", gt=0.0)
 
     rank: int = knob(8, "rank r", ge=1)
     alpha: float = knob(16.0, "alpha; scaling alpha / r (peft) or alpha / sqrt(r) with rslora", gt=0.0)
