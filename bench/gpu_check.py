@@ -1165,7 +1165,8 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         machine = (
             f"CUDA on {torch.cuda.get_device_name(0)} ({_mib(torch.cuda.get_device_properties(0).total_memory):.0f} "
-            f"MiB), torch {torch.__version__}, CLIP ViT-B/16 at real size (random weights), fabricated CIFAR-100-LT"
+            f"MiB), torch {torch.__version__} (CUDA {torch.version.cuda}), "
+            "CLIP ViT-B/16 at real size (random weights), fabricated CIFAR-100-LT"
         )
     else:
         why = "--cpu" if torch.cuda.is_available() else "no CUDA device"
