@@ -96,6 +96,12 @@ def verdict(values: list[float], sign: int = 1) -> str:
     return "holds" if sign * mean > std else "within spread"
 
 
+def near_verdict(values: list[float]) -> str:
+    """'holds' when the mean is no more than NEAR points below 0."""
+    mean = mean_std(values)[0]
+    return "not measured" if math.isnan(mean) else ("holds" if mean >= -NEAR else "fails")
+
+
 def level(runs: dict[str, dict[int, dict]], method: str, value: Value, digits: int = 1) -> str:
     values = [value(r) for r in runs.get(method, {}).values()]
     mean, std = mean_std(values)
@@ -123,8 +129,7 @@ def claims(runs: dict[str, dict[int, dict]]) -> list[tuple[str, str, str]]:
         (
             "purification keeps Few near zero-shot (FedPuReL GM Few - zero-shot; - PromptFL)",
             f"{cell(near)}; {cell(above_fl)} over PromptFL",
-            f"{'holds' if mean_std(near)[0] >= -NEAR else 'fails'} (no more than {NEAR:g} points below);"
-            f" above PromptFL: {verdict(above_fl)}",
+            f"{near_verdict(near)} (no more than {NEAR:g} points below); above PromptFL: {verdict(above_fl)}",
         )
     )
     zs = paired(runs, ("fedpurel", gm("all")), ("fedpurel", zero_shot_gm("all")))
@@ -150,7 +155,7 @@ def claims(runs: dict[str, dict[int, dict]]) -> list[tuple[str, str, str]]:
 def confidence_rows(runs: dict[str, dict[int, dict]]) -> list[tuple[str, ...]]:
     """The confidence gap that TKL's alignment removes, on the final global models."""
     rows = []
-    for method in ("zero-shot", "promptfl", "fedpurel-kl", "fedpurel"):
+    for method in ("promptfl", "fedpurel-kl", "fedpurel"):
         if method not in runs:
             continue
         rows.append(

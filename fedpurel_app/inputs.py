@@ -64,12 +64,12 @@ def frozen_clip(model: ModelConfig, data_name: str, data_root: str) -> Clip:
         model.pretrained,
         cache_dir=model.cache_dir or None,
         device=model.device,
-        pretrain_dataset=_backbone_data(data_name, data_root) if model.pretrained == EMBEDDED else None,
+        pretrain_dataset=backbone_data(data_name, data_root) if model.pretrained == EMBEDDED else None,
         seed=BACKBONE_SEED,
     )
 
 
-def _backbone_data(name: str, root: str):
+def backbone_data(name: str, root: str):
     """The dataset the embedded CLIP is pretrained on: the dataset's own, or its backbone's."""
     bundle = dataset(name, root)
     return dataset(bundle.backbone, root) if bundle.backbone else bundle

@@ -155,15 +155,16 @@ def prepare(argv: Sequence[str]) -> int:
     from flwr.common.config import unflatten_dict
 
     from fedpurel_app.config import parse_run_config
-    from fedpurel_app.data.client import BACKBONE_SEED, dataset
+    from fedpurel_app.data.client import BACKBONE_SEED
     from fedpurel_app.errors import UserError
+    from fedpurel_app.inputs import backbone_data
     from fedpurel_app.models.pretrain import ensure_embedded_checkpoint
 
     logging.basicConfig(level=logging.WARNING, format="fedpurel: %(message)s")
     logging.getLogger("fedpurel_app").setLevel(logging.INFO)
     try:
         cfg = parse_run_config(unflatten_dict(pairs))
-        bundle = dataset(cfg.data.name, cfg.data.root)
+        bundle = backbone_data(cfg.data.name, cfg.data.root)  # a shifted dataset's CLIP is its backbone's
         ensure_embedded_checkpoint(cfg.model.name, bundle, cache_dir=cfg.model.cache_dir or None, seed=BACKBONE_SEED)
     except UserError as err:
         print(f"fedpurel: {err}", file=sys.stderr)

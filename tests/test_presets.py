@@ -127,3 +127,20 @@ def test_an_invalid_preset_file_is_named(tmp_path):
     bad.write_text("train.rounds = = 1\n")
     with pytest.raises(overrides.OverrideError, match=f"the preset {bad} is not valid TOML"):
         overrides.merge([str(bad)])
+
+
+def test_prepare_finds_a_shifted_datasets_clip_under_its_backbone(tmp_path):
+    """`fedpurel prepare` (scripts/run.sh's first step) for the default, blurred dataset uses the
+    CLIP pretrained on its backbone (mnist-animals): with that checkpoint cached it pretrains
+    nothing and succeeds, on a cache that holds no file named for the blurred dataset."""
+    import shutil
+
+    from fedpurel_app.data.client import BACKBONE_SEED, dataset
+    from fedpurel_app.models.pretrain import ensure_embedded_checkpoint
+
+    cached = ensure_embedded_checkpoint("fedpurel-tiny", dataset("mnist-animals", ""), seed=BACKBONE_SEED)
+    shutil.copy(cached, tmp_path / cached.name)
+    done = fedpurel("prepare", "data.name='mnist-animals-blur'", f"model.cache-dir='{tmp_path}'")
+    assert done.returncode == 0, done.stderr
+    assert "pretraining" not in done.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [cached.name]
