@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import ConfigError
+
 Tensors = Mapping[str, torch.Tensor]
 
 
@@ -148,7 +150,10 @@ def noise_for_epsilon(target: float, delta: float, population: int, sampled: Seq
     while eps(high) > target:
         high *= 2.0
         if high > 1e4:
-            raise ValueError(f"no noise multiplier up to 1e4 reaches epsilon {target}")
+            raise ConfigError(
+                f"dp.target-epsilon = {target:g} is out of reach: no noise multiplier up to 1e4 gives it at "
+                f"dp.delta = {delta:g} over {len(sampled)} releases; raise dp.target-epsilon or dp.delta"
+            )
     while (high - low) / high > 1e-2:
         mid = (low + high) / 2.0
         low, high = (mid, high) if eps(mid) > target else (low, mid)

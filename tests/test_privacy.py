@@ -245,3 +245,11 @@ def test_a_dp_run_reports_the_privacy_spent_every_round(tmp_path):
     assert epsilons == sorted(epsilons) and epsilons[0] > 0
     assert epsilons[-1] == pytest.approx(reference_epsilon(1.5, 4, [4, 2, 2], 1e-4), rel=1e-9)
     assert results["privacy"]["releases"] == [4, 2, 2]
+
+
+def test_an_unreachable_target_epsilon_is_one_config_error():
+    from fedpurel_app.errors import ConfigError
+    from fedpurel_app.privacy import noise_for_epsilon
+
+    with pytest.raises(ConfigError, match=r"dp\.target-epsilon = 1e-06 is out of reach"):
+        noise_for_epsilon(1e-6, 1e-4, 20, [20] + [8] * 29)
