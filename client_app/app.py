@@ -18,11 +18,14 @@ Handlers:
 
 A :class:`~fedpurel_app.errors.UserError` (a bad node config, a node's data
 folder, ...) becomes an error reply of code ``protocol.USER_ERROR`` whose
-reason is its one-line message; any other exception is left to Flower.
+reason is its one-line message; so does an import the app makes on first use
+(open_clip, peft) that fails on this machine, with the machine named
+(:func:`missing_dependency`); any other exception is left to Flower.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from functools import wraps
 from logging import ERROR
@@ -39,6 +42,7 @@ from fedpurel_app.client import Client
 from fedpurel_app.config import parse_node_config, parse_run_config
 from fedpurel_app.errors import UserError
 from fedpurel_app.protocol import Instruction
+from server_app.cluster import HINT, SUPERNODE_HINT, MissingDependencyError
 
 app = ClientApp()
 
@@ -84,13 +88,30 @@ def _reply(msg: Message, metrics: dict, arrays: dict[str, torch.Tensor] | None =
     return Message(RecordDict(content), reply_to=msg)
 
 
+def missing_dependency(err: ImportError) -> UserError:
+    """A failed import as the user error it is: this machine lacks the app or a dependency.
+    In a Ray actor (a simulation on a Ray cluster) the message names the worker's address."""
+    name = err.name or str(err)
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            where = f"the Ray worker at {ray.util.get_node_ip_address()}"
+        except Exception:  # noqa: BLE001 - the address only helps to find the machine
+            where = "this Ray worker"
+        return MissingDependencyError(f"{where} cannot import '{name}': {HINT}")
+    return MissingDependencyError(f"a client cannot import '{name}': {SUPERNODE_HINT}")
+
+
 def _user_errors_reply(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
     """A user error ends the message with an error reply that says what to fix, not a traceback."""
 
     @wraps(handler)
     def wrapped(msg: Message, context: Context) -> Message:
         try:
-            return handler(msg, context)
+            try:
+                return handler(msg, context)
+            except ImportError as err:
+                raise missing_dependency(err) from err
         except UserError as err:
             log(ERROR, "FedPuReL client stopped: %s", err)
             return Message(Error(protocol.USER_ERROR, f"{type(err).__name__}: {err}"), reply_to=msg)

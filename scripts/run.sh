@@ -6,8 +6,9 @@
 #   bash scripts/run.sh configs/cifar100-lt-prompt.toml "seed=1"   # a preset, then overrides
 #
 # Environment: NUM_SUPERNODES (20), CLIENT_GPUS (0.0; e.g. 0.25 on a GPU machine),
-# OUTPUT_DIR (./outputs), FLWR_HOME (./.flwr). Exits non-zero unless Flower records the run
-# as completed.
+# OUTPUT_DIR (./outputs), FLWR_HOME (./.flwr), RAY_ADDRESS (unset: a Ray instance on this
+# machine; <head>:6379: the simulation runs on that existing Ray cluster, see
+# fedpurel_cli/ray_cluster.py). Exits non-zero unless Flower records the run as completed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -51,13 +52,37 @@ trap cleanup EXIT
 # an unknown key stops here with one line.
 overrides=$(fedpurel overrides "$@")
 
+# One CPU per ClientApp actor; no init-args (num-cpus, num-gpus): Ray refuses those when it
+# joins an existing cluster, which has its resources from `ray start`.
+federation="num-supernodes=${NUM_SUPERNODES:-20} client-resources-num-cpus=1 client-resources-num-gpus=${CLIENT_GPUS:-0.0}"
+if [ -n "${RAY_ADDRESS:-}" ]; then
+  # Flower's simulation has no address field: the SuperLink that `flwr run` starts passes
+  # RAY_ADDRESS on to the simulation, whose ray.init() joins the cluster. A SuperLink already
+  # running on Flower's local port was started with its own environment: it would not.
+  case "$federation" in *init-args*)
+    echo "fedpurel: on an existing Ray cluster (RAY_ADDRESS) the federation config must not set init-args" >&2
+    exit 2 ;;
+  esac
+  port=${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-39091}
+  for pid in $(pgrep -f "flower-superlink .*--port $port( |$)" || true); do
+    theirs=$(tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | sed -n 's/^RAY_ADDRESS=//p')
+    if [ "$theirs" != "$RAY_ADDRESS" ]; then
+      echo "fedpurel: a local SuperLink (pid $pid) already runs on port $port with RAY_ADDRESS='$theirs':" \
+        "its simulation would not use RAY_ADDRESS=$RAY_ADDRESS; wait for its run to end, or stop it" >&2
+      exit 2
+    fi
+  done
+  # Which cluster, how many nodes, CPUs and GPUs; and whether every node can run the app.
+  python -m fedpurel_cli.ray_cluster --client-cpus 1 --client-gpus "${CLIENT_GPUS:-0.0}" "$@"
+fi
+
 # The embedded CLIP's first use pretrains it (about a minute): here, with a progress bar.
 fedpurel prepare "$@"
 
 app=$(fedpurel stage "$stage/app")
 # Unbuffered: the log goes through a pipe, and each round's line should show when it is logged.
 PYTHONUNBUFFERED=1 flwr run "$app" --stream \
-  --federation-config "num-supernodes=${NUM_SUPERNODES:-20} client-resources-num-cpus=1 client-resources-num-gpus=${CLIENT_GPUS:-0.0}" \
+  --federation-config "$federation" \
   --run-config "output-dir='$output_dir' $overrides" 2>&1 | grep --line-buffered -v -E "^(INFO|DEBUG):flwr:|^\s*$" | tee "$log"
 
 # `flwr run --stream` exits 0 even when the ServerApp failed: the run's final status says.

@@ -34,6 +34,8 @@ from fedpurel_app.errors import ClientError
 from fedpurel_app.privacy import private_mean, update_norm
 from fedpurel_app.protocol import Identity, Instruction, ProtocolError, TrainReply
 
+from .cluster import dependency_error, from_ray_worker
+
 R = TypeVar("R")
 
 
@@ -152,7 +154,9 @@ class FedPuReLStrategy(FedAvg):
         logged and left out.
 
         Raises :class:`~fedpurel_app.errors.ClientError` when no reply is valid and some
-        client reported a user error of its own (its message says what to fix).
+        client reported a user error of its own (its message says what to fix), and
+        :class:`~server_app.cluster.MissingDependencyError` at once when a Ray worker cannot
+        import the app or a dependency (that machine would fail every round).
         """
         replies = list(replies)
         self.note_partitions(replies)
@@ -161,7 +165,12 @@ class FedPuReLStrategy(FedAvg):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
-                if msg.error.code == protocol.USER_ERROR:
+                missing = dependency_error(reason)
+                if missing is not None and from_ray_worker(reason):
+                    raise missing
+                if missing is not None:
+                    reason = str(missing)
+                if msg.error.code == protocol.USER_ERROR or missing is not None:
                     user_errors.append(reason)
                 log(WARNING, "%s: node %d replied with an error: %s", what, node, reason)
                 continue
