@@ -7,4 +7,4 @@ export HF_HUB_OFFLINE=1
 # Lint and format first (pyproject.toml's [tool.ruff]): a finding stops here, before the tests.
 .venv/bin/ruff check --quiet .
 .venv/bin/ruff format --check --quiet .
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=25 "$@"
