@@ -38,7 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .overrides import merge
-from .report import METHODS, METRIC, load_runs, metric_value, run_method, write_report
+from .plots import PlotsUnavailable
+from .report import METHODS, METRIC, load_runs, metric_value, run_method
+from .reporting import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SEEDS = "0,1,2"
@@ -372,8 +374,6 @@ def other_overrides(out: Path, overrides: Sequence[str], presets: dict[str, str]
 
 def write_comparison_report(out: Path, overrides: Sequence[str], presets: dict[str, str]) -> None:
     """Write the report of every complete run under ``<out>/runs`` into ``out`` and say where it is."""
-    from .plots import PlotsUnavailable
-
     runs = load_runs(out / "runs")
     if not runs:
         print(f"no complete run under {out / 'runs'}: no report written", file=sys.stderr)

@@ -197,7 +197,7 @@ def _compare(rest: list[str]) -> int:
 
 
 def _report(rest: list[str]) -> int:
-    from .report import main as report_main
+    from .reporting import main as report_main
 
     return report_main(rest)
 

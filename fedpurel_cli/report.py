@@ -14,13 +14,11 @@ method with the same seed are averaged first; mean and standard deviation
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import math
 import os
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -286,67 +284,3 @@ def markdown(runs: list[dict], plots: Iterable[str] = ()) -> str:
     ]
     parts += [line for name in plots for line in ("", f"![{Path(name).stem}]({name})")]
     return "\n".join(parts) + "\n"
-
-
-def write_report(runs: list[dict], folder: Path) -> list[Path]:
-    """Write results.md, results.csv and the PNG plots of ``runs`` into ``folder``; return the paths.
-    Runs of several PEFT variants get one report each, in ``folder/<variant>/``, and ``folder/results.md``
-    holds every variant's table.
-
-    The markdown and CSV are written first; without matplotlib the plots raise
-    :class:`fedpurel_cli.plots.PlotsUnavailable` after that.
-    """
-    variants = by_variant(runs)
-    if len(variants) > 1:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        parts = ["# Comparison, per PEFT variant", ""]
-        for variant, some in variants.items():
-            parts += [f"## {variant}", "", table(some), "", f"Plots and CSV: [{variant}/]({variant}/results.md)", ""]
-        (folder / MARKDOWN_FILE).write_text("\n".join(parts))
-        paths = [folder / MARKDOWN_FILE]
-        for variant, some in variants.items():
-            paths += _write_one_report(some, folder / variant)
-        return paths
-    return _write_one_report(runs, folder)
-
-
-def _write_one_report(runs: list[dict], folder: Path) -> list[Path]:
-    from .plots import PLOT_FILES, write_plots
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    md_path, csv_path = folder / MARKDOWN_FILE, folder / CSV_FILE
-    md_path.write_text(markdown(runs, PLOT_FILES))
-    csv_path.write_text(csv_text(runs, relative_to=folder))
-    return [md_path, csv_path, *write_plots(runs, folder)]
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fedpurel report", description=__doc__.split("\n")[0])
-    parser.add_argument("folder", help="folder with run folders (every results.json below it is read)")
-    parser.add_argument("--write-to", metavar="FOLDER", help="also write results.md, results.csv and plots there")
-    args = parser.parse_args(argv)
-    if not Path(args.folder).is_dir():
-        print(f"not a folder: {args.folder}", file=sys.stderr)
-        return 2
-    runs = load_runs(Path(args.folder))
-    if not runs:
-        print(f"no finished runs (results.json with final metrics) below {args.folder}", file=sys.stderr)
-        return 1
-    for variant, some in by_variant(runs).items():
-        print(f"{variant}:\n{table(some)}")
-    if args.write_to:
-        from .plots import PlotsUnavailable
-
-        try:
-            paths = write_report(runs, Path(args.write_to))
-        except PlotsUnavailable as error:
-            print(f"{error} (results.md and results.csv are written)", file=sys.stderr)
-            return 1
-        print("wrote " + ", ".join(str(path) for path in paths))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

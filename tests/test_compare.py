@@ -11,8 +11,9 @@ import pytest
 
 from fedpurel_cli import compare
 from fedpurel_cli.plots import PLOT_FILES
-from fedpurel_cli.report import load_runs, table, write_report
-from fedpurel_cli.report import main as report_main
+from fedpurel_cli.report import load_runs, table
+from fedpurel_cli.reporting import main as report_main
+from fedpurel_cli.reporting import write_report
 
 FAKE_RUN = [sys.executable, str(Path(__file__).with_name("fake_run.py"))]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,8 @@
 
 import json
 
-from fedpurel_cli.report import METHODS, csv_rows, load_runs, main, run_method, table
+from fedpurel_cli.report import METHODS, csv_rows, load_runs, run_method, table
+from fedpurel_cli.reporting import main
 
 
 def fake_run(folder, method, seed, gm_all, pm_all, *, in_results=False, reports=None, suffix=""):

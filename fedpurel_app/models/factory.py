@@ -7,9 +7,6 @@ not when this module is.
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.error import URLError
@@ -17,6 +14,8 @@ from urllib.error import URLError
 import torch
 
 from ..errors import ConfigError, ModelLoadError
+from .architectures import CONFIG_DIR, register_model_configs
+from .features import Clip
 
 __all__ = [
     "CONFIG_DIR",
@@ -30,44 +29,9 @@ __all__ = [
     "resolve_device",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_MODEL = "fedpurel-tiny"
 EMBEDDED = "embedded"
 DEFAULT_PRETRAIN_DATASET = "mnist"
-DEFAULT_TEMPLATE = "a photo of a {}."
-
-_registered = False
-_register_lock = threading.Lock()
-
-
-@dataclass
-class Clip:
-    """A frozen open_clip model with what is needed to use it."""
-
-    model: torch.nn.Module
-    preprocess: Callable  # open_clip eval transform: PIL image -> [3, H, W] tensor
-    tokenizer: Callable  # list[str] -> LongTensor [n, context_length]
-    name: str
-    checkpoint: str  # file path, or the open_clip pretrained tag
-    device: torch.device
-    logit_scale: float  # exp(model.logit_scale)
-    # zero-shot text features by (classnames, templates); dataclasses.replace gives an empty one
-    _zero_shot: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    def zero_shot_text(
-        self, classnames: Sequence[str], template: str | Sequence[str] = DEFAULT_TEMPLATE
-    ) -> torch.Tensor:
-        """:func:`~fedpurel_app.models.features.zero_shot_text_features` of this model, computed
-        once per (classnames, template) and kept on this object (the model is frozen).
-
-        The same tensor is returned on every call: do not modify it in place.
-        """
-        from .features import _templates, zero_shot_text_features
-
-        key = (tuple(classnames), _templates(template))
-        if key not in self._zero_shot:
-            self._zero_shot[key] = zero_shot_text_features(self, key[0], key[1])
-        return self._zero_shot[key]
 
 
 def import_open_clip(model_name: str | None = None):
@@ -75,19 +39,6 @@ def import_open_clip(model_name: str | None = None):
     import open_clip
 
     return open_clip
-
-
-def register_model_configs() -> None:
-    """Register this package's open_clip model configs (configs/*.json) once per process."""
-    global _registered
-    if _registered:
-        return
-    with _register_lock:
-        if not _registered:
-            import open_clip
-
-            open_clip.add_model_config(CONFIG_DIR)
-            _registered = True
 
 
 def resolve_device(name: str = "auto") -> torch.device:

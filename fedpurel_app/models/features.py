@@ -1,4 +1,4 @@
-"""Frozen-CLIP features: image embeddings, zero-shot text classifiers, zero-shot logits.
+"""The frozen CLIP (:class:`Clip`) and its features: image embeddings, zero-shot text classifiers, zero-shot logits.
 
 Every function here runs without gradient and returns float32 tensors on the CPU
 (features are cached and moved by the caller), whatever device the model is on.
@@ -7,19 +7,48 @@ Every function here runs without gradient and returns float32 tensors on the CPU
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .factory import Clip
-
 __all__ = [
+    "Clip",
     "preprocess_images",
     "encode_images",
     "zero_shot_text_features",
     "zero_shot_logits",
 ]
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+@dataclass
+class Clip:
+    """A frozen open_clip model with what is needed to use it."""
+
+    model: torch.nn.Module
+    preprocess: Callable  # open_clip eval transform: PIL image -> [3, H, W] tensor
+    tokenizer: Callable  # list[str] -> LongTensor [n, context_length]
+    name: str
+    checkpoint: str  # file path, or the open_clip pretrained tag
+    device: torch.device
+    logit_scale: float  # exp(model.logit_scale)
+    # zero-shot text features by (classnames, templates); dataclasses.replace gives an empty one
+    _zero_shot: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def zero_shot_text(
+        self, classnames: Sequence[str], template: str | Sequence[str] = DEFAULT_TEMPLATE
+    ) -> torch.Tensor:
+        """:func:`~fedpurel_app.models.features.zero_shot_text_features` of this model, computed
+        once per (classnames, template) and kept on this object (the model is frozen).
+
+        The same tensor is returned on every call: do not modify it in place.
+        """
+        key = (tuple(classnames), _templates(template))
+        if key not in self._zero_shot:
+            self._zero_shot[key] = zero_shot_text_features(self, key[0], key[1])
+        return self._zero_shot[key]
 
 
 def _num_images(images: Any) -> int:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ..config import default_cache_dir
 from ..storage import file_lock, save_tensors_atomic
+from .architectures import register_model_configs
 from .features import preprocess_images
 
 __all__ = [
@@ -231,8 +232,6 @@ def _data_digest(dataset: Any) -> str:
 def _model_config(model_name: str) -> dict:
     import open_clip
 
-    from .factory import register_model_configs
-
     register_model_configs()
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
@@ -290,8 +289,6 @@ def train_embedded_model(
     Torch's global RNG state and thread count are the same after the call as before.
     """
     import open_clip
-
-    from .factory import register_model_configs
 
     register_model_configs()
     split = _pretrain_split(dataset)
