@@ -210,7 +210,7 @@ def main() -> None:
     args = parser.parse_args()
     for variant, runs in by_variant(load_runs(args.comparison)).items():
         grouped = by_seed(runs)
-        seeds = sorted({s for m in grouped.values() for s in m})
+        seeds = sorted(grouped.get("fedpurel") or {s for m in grouped.values() for s in m})
         print(f"\n#### {variant} (seeds {', '.join(map(str, seeds))})\n")
         print(markdown_table(("claim", "measured (points, mean ± std over seeds)", "verdict"), claims(grouped)))
         print(f"\nConfidence of the final global model against zero-shot ({variant}, test set):\n")
