@@ -5,7 +5,9 @@ writes ``$OUTPUT_DIR/<n>-fake-<m>-seed<k>/results.json`` with accuracies that
 depend on the method and seed. Environment:
 
 - ``FAKE_RUN_LOG``: a file that gets one JSON line per call (the arguments);
-- ``FAKE_RUN_FAIL``: ``<method>:<seed>`` makes that job write an unfinished results.json and exit 1.
+- ``FAKE_RUN_FAIL``: ``<method>:<seed>`` makes that job write an unfinished results.json and exit 1;
+- ``FAKE_RUN_BARRIER``: ``<folder>:<n>``: every job waits until n jobs are running at once (exit 3 if
+  they never are).
 """
 
 import json
@@ -50,15 +52,29 @@ def fake_results(method: str, seed: int, args: list[str], variant: str = "prompt
     }
 
 
+def barrier(spec: str, timeout: float = 120.0) -> bool:
+    """``<folder>:<n>``: arrive in the folder, then wait until n jobs have arrived (True), or give up
+    after ``timeout`` seconds (False). n jobs pass it only if they all run at the same time."""
+    import time
+
+    folder, count = spec.rsplit(":", 1)
+    (Path(folder) / str(os.getpid())).touch()
+    deadline = time.monotonic() + timeout
+    while len(list(Path(folder).iterdir())) < int(count):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def main(args: list[str]) -> int:
     method = re.search(r"(?:^| )method\.name='([^']*)'", args[-1]).group(1)
     seed = int(re.search(r"(?:^| )seed=(\d+)", args[-1]).group(1))
     variant = re.search(r"(?:^| )peft\.name='([^']*)'", args[-1])
     variant = variant.group(1) if variant else "prompt"
-    if os.environ.get("FAKE_RUN_SLEEP"):  # seconds: lets a test see jobs run side by side
-        import time
-
-        time.sleep(float(os.environ["FAKE_RUN_SLEEP"]))
+    if os.environ.get("FAKE_RUN_BARRIER") and not barrier(os.environ["FAKE_RUN_BARRIER"]):
+        print("fake run: the other jobs never came (they do not run side by side)", file=sys.stderr)
+        return 3
     if os.environ.get("FAKE_RUN_LOG"):
         with open(os.environ["FAKE_RUN_LOG"], "a") as log:
             log.write(json.dumps(args) + "\n")
