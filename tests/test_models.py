@@ -258,7 +258,7 @@ def test_known_tag_offline_fails_fast_with_instructions(monkeypatch):
         err = e
     else:
         pytest.skip("ViT-B-32 openai weights are cached on this machine")
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 60, "no retries: one attempt, then the message"
     msg = str(err)
     assert isinstance(err, ValueError) and isinstance(err, UserError)
     assert "openai" in msg and "ViT-B-32" in msg and "not in the local cache" in msg

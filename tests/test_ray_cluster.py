@@ -174,7 +174,7 @@ def test_an_unreachable_cluster_is_one_line_and_no_wait(monkeypatch, capsys):
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_free_port()}")
     started = time.perf_counter()
     assert ray_cluster.main(["train.rounds=1"]) == 2
-    assert time.perf_counter() - started < 10
+    assert time.perf_counter() - started < 60, "one failed connection, not minutes of retries"
     err = capsys.readouterr().err.strip()
     assert err.startswith("fedpurel: cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1:") and "\n" not in err
 
