@@ -156,7 +156,7 @@ def prepare(argv: Sequence[str]) -> int:
 
     from fedpurel_app.config import parse_run_config
     from fedpurel_app.data.client import BACKBONE_SEED
-    from fedpurel_app.errors import UserError
+    from fedpurel_app.errors import ConfigError, UserError
     from fedpurel_app.inputs import backbone_data
     from fedpurel_app.models.pretrain import ensure_embedded_checkpoint
 
@@ -164,6 +164,9 @@ def prepare(argv: Sequence[str]) -> int:
     logging.getLogger("fedpurel_app").setLevel(logging.INFO)
     try:
         cfg = parse_run_config(unflatten_dict(pairs))
+    except ConfigError:
+        return 0  # a bad config is the run's to report: once, and Flower records the run as failed
+    try:
         bundle = backbone_data(cfg.data.name, cfg.data.root)  # a shifted dataset's CLIP is its backbone's
         ensure_embedded_checkpoint(cfg.model.name, bundle, cache_dir=cfg.model.cache_dir or None, seed=BACKBONE_SEED)
     except UserError as err:

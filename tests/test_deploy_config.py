@@ -296,7 +296,9 @@ def test_the_superexec_python_is_one_the_app_supports():
 
 def test_the_superexec_image_installs_exactly_the_apps_pins():
     run = functools.partial(subprocess.run, capture_output=True, text=True)
-    wanted = run(["python", str(DOCKER / "requirements.py"), str(REPO / "pyproject.toml")], check=True).stdout.split()
+    wanted = run(
+        [sys.executable, str(DOCKER / "requirements.py"), str(REPO / "pyproject.toml")], check=True
+    ).stdout.split()
     assert wanted == [d.replace(" ", "") for d in DEPS if not d.startswith("flwr")]
     for name, version in (
         ("torch", "2.14.1"),
@@ -308,7 +310,7 @@ def test_the_superexec_image_installs_exactly_the_apps_pins():
     assert FLWR_VERSION == "1.41.0"
     # The default dataset's animals: installed without deps, exactly as setup.sh does.
     no_deps = run(
-        ["python", str(DOCKER / "requirements.py"), "--no-deps", str(REPO / "scripts" / "setup.sh")], check=True
+        [sys.executable, str(DOCKER / "requirements.py"), "--no-deps", str(REPO / "scripts" / "setup.sh")], check=True
     ).stdout.split()
     assert no_deps == ["animal-mnist==0.4"]
     assert '--no-deps "animal-mnist==0.4"' in (REPO / "scripts" / "setup.sh").read_text()

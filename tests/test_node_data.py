@@ -98,7 +98,7 @@ def test_node_data_gives_the_same_features_as_the_partition(node_dir, small_cfg)
         ),
         (
             lambda d: (d / "dataset.json").write_text('{"dataset": "mnist", "classnames": ["a"], "template": "{}"}'),
-            "written for dataset 'mnist', but the run uses 'mnist-animals'",
+            "written for dataset 'mnist', but the run uses 'mnist-animals-blur'",
         ),
     ],
 )

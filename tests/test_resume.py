@@ -330,7 +330,7 @@ def test_missing_checkpoint_is_refused(checkpointed, tmp_path):
 def test_mismatched_config_is_refused_naming_the_keys(checkpointed):
     _, flat = checkpointed
     message = refusal({**flat, "peft.prompt.lr": 0.5, "seed": 3})
-    assert "peft.prompt.lr: 0.05 -> 0.5" in message and "seed: 0 -> 3" in message
+    assert "peft.prompt.lr: 0.1 -> 0.5" in message and "seed: 0 -> 3" in message
 
 
 def test_operational_keys_may_change(checkpointed, tmp_path):
