@@ -302,10 +302,14 @@ def confidence_gap(student_logits: Tensor, teacher_logits: Tensor, **solve_kwarg
     """
     tau_f, tau_z = aligned_temperatures(student_logits, teacher_logits, **solve_kwargs)
     with torch.no_grad():
+        f, z = student_logits.float(), teacher_logits.float().to(student_logits.device)
         return {
-            "entropy": float(entropy(student_logits).mean()),
-            "zero_shot_entropy": float(entropy(teacher_logits).mean()),
-            "kl_to_zero_shot": float(temperature_aligned_kl(student_logits, teacher_logits, aligned=False)),
-            "tkl_to_zero_shot": float(temperature_aligned_kl(student_logits, teacher_logits, **solve_kwargs)),
+            "entropy": float(entropy(f).mean()),
+            "zero_shot_entropy": float(entropy(z).mean()),
+            "kl_to_zero_shot": float(temperature_aligned_kl(f, z, aligned=False)),
+            # TKL with the temperatures solved once above (temperature_aligned_kl would solve them again)
+            "tkl_to_zero_shot": float(
+                temperature_aligned_kl(f / tau_f.unsqueeze(-1), z / tau_z.to(f.device).unsqueeze(-1), aligned=False)
+            ),
             "tau_ratio": float((tau_f / tau_z).median()),
         }

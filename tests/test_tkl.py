@@ -399,3 +399,12 @@ def test_confidence_gap_of_identical_logits_is_none():
     assert gap["tkl_to_zero_shot"] == pytest.approx(0.0, abs=1e-5)
     assert gap["tau_ratio"] == pytest.approx(1.0, abs=1e-3)
     assert gap["entropy"] == pytest.approx(gap["zero_shot_entropy"])
+
+
+def test_confidence_gap_tkl_is_temperature_aligned_kl_bitwise():
+    """One temperature solve serves both the ratio and the TKL: the same value as the loss's own."""
+    from fedpurel_app.tkl import confidence_gap
+
+    g = torch.Generator().manual_seed(0)
+    f, z = torch.randn(64, 20, generator=g) * 5, torch.randn(64, 20, generator=g) * 3
+    assert confidence_gap(f, z)["tkl_to_zero_shot"] == float(temperature_aligned_kl(f, z))
