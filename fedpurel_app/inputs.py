@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig, ModelConfig
-from .data.client import BACKBONE_SEED, ClientData, dataset
+from .data.client import BACKBONE_SEED, ClientData, backbone_data
 from .models import EMBEDDED, Clip, create_clip, default_cache_dir, encode_images, preprocess_images
 from .models.feature_cache import cached_image_features
 from .models.features import zero_shot_logits
@@ -67,12 +67,6 @@ def frozen_clip(model: ModelConfig, data_name: str, data_root: str) -> Clip:
         pretrain_dataset=backbone_data(data_name, data_root) if model.pretrained == EMBEDDED else None,
         seed=BACKBONE_SEED,
     )
-
-
-def backbone_data(name: str, root: str):
-    """The dataset the embedded CLIP is pretrained on: the dataset's own, or its backbone's."""
-    bundle = dataset(name, root)
-    return dataset(bundle.backbone, root) if bundle.backbone else bundle
 
 
 def clip_of(model: ModelConfig, data: DataConfig) -> Clip:

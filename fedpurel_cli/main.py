@@ -150,14 +150,20 @@ def prepare(argv: Sequence[str]) -> int:
     folder = Path(cache).expanduser() if cache else default_cache_dir()
     if any(folder.glob(f"{values['model.name']}__{values['data.name']}__seed*.safetensors")):
         return 0  # pretrained before (the run checks the exact file, and pretrains itself if need be)
+    from fedpurel_app.data.client import BACKBONE_SEED, backbone_data
+    from fedpurel_app.errors import ConfigError, UserError
+
+    try:  # the data layer needs no torch: a shifted dataset's CLIP is its backbone's, cached or not
+        bundle = backbone_data(str(values["data.name"]), str(values["data.root"]))
+    except UserError:
+        return 0  # a bad dataset is the run's to report, once
+    if any(folder.glob(f"{values['model.name']}__{bundle.name}__seed*.safetensors")):
+        return 0
     import logging
 
     from flwr.common.config import unflatten_dict
 
     from fedpurel_app.config import parse_run_config
-    from fedpurel_app.data.client import BACKBONE_SEED
-    from fedpurel_app.errors import ConfigError, UserError
-    from fedpurel_app.inputs import backbone_data
     from fedpurel_app.models.pretrain import ensure_embedded_checkpoint
 
     logging.basicConfig(level=logging.WARNING, format="fedpurel: %(message)s")
@@ -167,7 +173,6 @@ def prepare(argv: Sequence[str]) -> int:
     except ConfigError:
         return 0  # a bad config is the run's to report: once, and Flower records the run as failed
     try:
-        bundle = backbone_data(cfg.data.name, cfg.data.root)  # a shifted dataset's CLIP is its backbone's
         ensure_embedded_checkpoint(cfg.model.name, bundle, cache_dir=cfg.model.cache_dir or None, seed=BACKBONE_SEED)
     except UserError as err:
         print(f"fedpurel: {err}", file=sys.stderr)

@@ -37,6 +37,13 @@ def dataset(name: str, root: str) -> DatasetBundle:
     return load_dataset(name, root or None, seed=BACKBONE_SEED)
 
 
+def backbone_data(name: str, root: str) -> DatasetBundle:
+    """The dataset the embedded CLIP is pretrained on: the dataset's own, or its backbone's
+    (a shifted dataset such as mnist-animals-blur uses the CLIP of the images it shifts)."""
+    bundle = dataset(name, root)
+    return dataset(bundle.backbone, root) if bundle.backbone else bundle
+
+
 @functools.lru_cache(maxsize=4)
 def fedlt_split(data: DataConfig, seed: int, num_clients: int) -> FedLTSplit:
     """The Fed-LT split of ``data`` for ``num_clients`` clients: the same in every process."""
