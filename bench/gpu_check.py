@@ -976,19 +976,24 @@ def run_deployment_mode(run: dict, args, work: Path, events: Path, env: dict, wa
                 )
                 out[variant] = {"ok": False, "problems": [f"deploy/run.sh failed:\n{_tail(proc)}\n{logs}"]}
                 continue
-            results = _results(folder)
-            problems = check_results(results, want)
-            event_problems, summary = check_events(read_events(events), variant, FLOWER_NODES, want)
-            out[variant] = {
-                "ok": not (problems or event_problems),
-                "problems": problems + event_problems,
-                "wall_s": wall,
-                "rounds": round_seconds(results),
-                **summary,
-            }
+            out[variant] = flower_run_report(folder, events, variant, want, wall)
     finally:
         _script(env, "bash", "deploy/stop.sh", timeout=120)
     return out
+
+
+def flower_run_report(folder: Path, events: Path, variant: str, want: dict, wall: float) -> dict:
+    """One Flower-mode run's entry of the report: its results.json and every process's observed device."""
+    results = _results(folder)
+    problems = check_results(results, want)
+    event_problems, summary = check_events(read_events(events), variant, FLOWER_NODES, want)
+    return {
+        "ok": not (problems or event_problems),
+        "problems": problems + event_problems,
+        "wall_s": wall,
+        "rounds": round_seconds(results),
+        **summary,
+    }
 
 
 def _port_busy(port: int) -> bool:
@@ -1033,16 +1038,7 @@ def run_simulation_mode(run: dict, args, work: Path, events: Path, env: dict, wa
         if problems:
             out[variant] = {"ok": False, "problems": problems}
             continue
-        results = _results(folder)
-        problems = check_results(results, want)
-        event_problems, summary = check_events(read_events(events), variant, FLOWER_NODES, want)
-        out[variant] = {
-            "ok": not (problems or event_problems),
-            "problems": problems + event_problems,
-            "wall_s": wall,
-            "rounds": round_seconds(results),
-            **summary,
-        }
+        out[variant] = flower_run_report(folder, events, variant, want, wall)
     return out
 
 
