@@ -9,7 +9,9 @@ each reply carries: never phi_k, never anything per sample).
 Handlers:
 
 - ``train``               Stage 1: the method's (purified) local update of phi_g; replies phi_g
-                          (in a DP run clipped to the clipping norm by Flower's fixedclipping_mod).
+                          (in a DP run clipped to the clipping norm by Flower's fixedclipping_mod);
+                          in a SecAgg+ round (``secagg.enabled``) it takes part in Flower's four
+                          SecAgg+ stages and replies its masked update (client_app/secagg.py).
 - ``train.personalize``   Stage 2: the method's personalization of its private parameters
                           against the received (frozen) phi_g; replies metrics only (with the
                           PM evaluation when the server asks for it in the same message).
@@ -43,6 +45,8 @@ from fedpurel_app.config import parse_node_config, parse_run_config
 from fedpurel_app.errors import UserError
 from fedpurel_app.protocol import Instruction
 from server_app.cluster import HINT, SUPERNODE_HINT, MissingDependencyError
+
+from .secagg import secagg_or_dp
 
 app = ClientApp()
 
@@ -128,7 +132,7 @@ def dp_clipping(msg: Message, context: Context, call_next: Callable[[Message, Co
     return call_next(msg, context)
 
 
-@app.train(mods=[dp_clipping])
+@app.train(mods=[secagg_or_dp(dp_clipping)])
 @_user_errors_reply
 def train(msg: Message, context: Context) -> Message:
     """Stage 1: the method's (purified) local epochs on phi_g; reply with phi_g only."""

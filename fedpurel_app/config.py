@@ -230,6 +230,30 @@ class DpConfig(Section):
         return self
 
 
+class SecAggConfig(Section):
+    """Secure aggregation of the Stage-1 updates by Flower's SecAgg+ (docs/RELIABILITY.md "Secure aggregation")."""
+
+    enabled: bool = knob(
+        False, "Stage-1 rounds through Flower's SecAgg+: the server only holds the sum of the updates", role="training"
+    )
+    shares: float = knob(
+        1.0,
+        "fraction of a round's sampled clients that hold shares of each one's secrets",
+        role="training",
+        gt=0.0,
+        le=1.0,
+    )
+    threshold: float = knob(
+        0.6, "fraction of those shares that reconstructs a dropped client's mask", role="training", gt=0.0, le=1.0
+    )
+    clipping_range: float = knob(
+        8.0, "every update value is quantized in [-r, r] (a DP run uses dp.clipping-norm)", role="training", gt=0.0
+    )
+    quantization_range: int = knob(
+        4194304, "quantization levels of an update value (2^22; at most 2^24)", role="training", ge=2, le=2**24
+    )
+
+
 class TrackConfig(Section):
     """What a run writes besides results.json as it goes: TensorBoard events, MLflow (fedpurel_app/tracking.py)."""
 
@@ -283,6 +307,7 @@ class RunConfig(Section):
     personalize: PersonalizeConfig = PersonalizeConfig()
     tkl: TklConfig = TklConfig()
     dp: DpConfig = DpConfig()
+    secagg: SecAggConfig = SecAggConfig()
     track: TrackConfig = TrackConfig()
 
     def to_flower(self) -> dict[str, Any]:
@@ -565,6 +590,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DpConfig",
+    "SecAggConfig",
     "MethodConfig",
     "ModelConfig",
     "NodeConfig",

@@ -80,16 +80,32 @@ def private_mean(
     """
     if sampled < max(1, len(updated)):
         raise ValueError(f"{len(updated)} updates from {sampled} sampled clients")
+    total = {key: torch.zeros(value.shape, dtype=torch.float64) for key, value in phi_g.items()}
+    for update in updated:
+        clipped = clip_update(update, phi_g, clipping_norm)
+        for key, value in phi_g.items():
+            total[key] += clipped[key].double() - value.double()
+    return noised_release(phi_g, total, sampled, noise_multiplier, clipping_norm, generator)
+
+
+def noised_release(
+    phi_g: Tensors,
+    total: Tensors,
+    sampled: int,
+    noise_multiplier: float,
+    clipping_norm: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """phi_g + (total + N(0, (z C)^2 I)) / m, where ``total`` is the sum of the clipped updates
+    (under SecAgg+ the server knows only this sum); computed in float64, returned in phi_g's dtypes.
+    ``generator`` as in :func:`private_mean`."""
     if generator is None:
         generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
     std = noise_std(noise_multiplier, clipping_norm, sampled)
     out = {}
     for key, value in phi_g.items():
-        total = torch.zeros(value.shape, dtype=torch.float64)
-        for update in updated:
-            total += clip_update(update, phi_g, clipping_norm)[key].double() - value.double()
         noise = torch.randn(value.shape, generator=generator, dtype=torch.float64) * std
-        out[key] = (value.double() + total / sampled + noise).to(value.dtype)
+        out[key] = (value.double() + total[key].double() / sampled + noise).to(value.dtype)
     return out
 
 

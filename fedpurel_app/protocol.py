@@ -16,6 +16,15 @@ message type            server -> client                           client -> ser
 ``query``               ``config``: :class:`Instruction`           ``metrics``: :class:`Identity`
 ======================  =========================================  =========================================
 
+A Stage-1 round with ``secagg.enabled`` runs Flower's SecAgg+ instead: four
+``train`` exchanges whose ``secaggplus_configs`` record carries the protocol's
+keys and shares. In the third, the server sends Flower's legacy content
+(``fitins.parameters``: phi_g as the list :func:`ordered` makes, in the order
+of the instruction's ``secagg_names``; ``fitins.config``: the
+:class:`Instruction`), and the client replies its *update* phi_g^k - phi_g,
+masked (no ArrayRecord), weighted by :func:`secagg_weight`, with its
+:class:`TrainReply` metrics in the clear (``fitres.metrics``).
+
 A reply never carries phi_k, a method's other private tensors, or anything per
 sample: an evaluation is per-class counts (correct predictions of the
 personalized model, of phi_g and of zero-shot, and the number of test samples
@@ -49,6 +58,11 @@ METRICS = "metrics"  # the record of a reply
 USER_ERROR = 100  # Error code of a reply whose ClientApp stopped on a user error
 # The clipping norm of a DP run in a train message's config: the key Flower's fixedclipping_mod reads.
 CLIPPING_NORM = "clipping_norm"
+
+# A SecAgg+ round's instruction: the order of phi_g's tensors in the legacy list, and the range in
+# which SecAgg+ quantizes every value of an update.
+SECAGG_NAMES = "secagg-names"
+SECAGG_RANGE = "secagg-range"
 
 # Stage-1 statistics a train reply may carry (means over the client's steps).
 TRAIN_STATS = ("steps", "task-loss", "align-loss", "conflict-rate", "mean-cosine")
@@ -91,6 +105,7 @@ class Instruction:
     ``class_counts``: the global long-tailed train counts, for methods that need the prior.
     ``evaluate``: a personalization message also evaluates the personalized model.
     ``clipping_norm``: a DP run's Stage-1 message: the client clips its update to this norm.
+    ``secagg_names`` / ``secagg_range``: a SecAgg+ round's message (see the module's docstring).
     """
 
     server_round: int
@@ -98,6 +113,8 @@ class Instruction:
     class_counts: tuple[int, ...] | None = None
     evaluate: bool = False
     clipping_norm: float | None = None
+    secagg_names: tuple[str, ...] | None = None
+    secagg_range: float | None = None
 
     def to_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"server-round": self.server_round, "run": self.run}
@@ -107,14 +124,21 @@ class Instruction:
             config["evaluate"] = True
         if self.clipping_norm is not None:
             config[CLIPPING_NORM] = float(self.clipping_norm)
+        if self.secagg_names is not None:
+            config[SECAGG_NAMES] = list(self.secagg_names)
+            config[SECAGG_RANGE] = float(self.secagg_range or 0.0)
         return config
 
     @classmethod
     def read(cls, config: Mapping[str, Any]) -> Instruction:
-        _only(config, {"server-round", "run", "class-counts", "evaluate", CLIPPING_NORM})
-        clipping = config.get(CLIPPING_NORM)
-        if clipping is not None and (not isinstance(clipping, float) or not math.isfinite(clipping) or clipping <= 0):
-            raise ProtocolError(f"'{CLIPPING_NORM}' is {clipping!r}, expected a finite number > 0")
+        _only(config, {"server-round", "run", "class-counts", "evaluate", CLIPPING_NORM, SECAGG_NAMES, SECAGG_RANGE})
+        clipping = _positive(config, CLIPPING_NORM)
+        names = config.get(SECAGG_NAMES)
+        if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+            raise ProtocolError(f"'{SECAGG_NAMES}' is {names!r}, expected a list of tensor names")
+        secagg_range = _positive(config, SECAGG_RANGE)
+        if (names is None) != (secagg_range is None):
+            raise ProtocolError(f"'{SECAGG_NAMES}' and '{SECAGG_RANGE}' come together")
         counts = config.get("class-counts")
         if counts is not None and (
             not isinstance(counts, list) or not all(isinstance(c, int) and c >= 0 for c in counts)
@@ -129,7 +153,53 @@ class Instruction:
             None if counts is None else tuple(counts),
             bool(config.get("evaluate", False)),
             clipping,
+            None if names is None else tuple(names),
+            secagg_range,
         )
+
+
+def _positive(config: Mapping[str, Any], key: str) -> float | None:
+    """An optional finite float > 0."""
+    value = config.get(key)
+    if value is not None and (not isinstance(value, float) or not math.isfinite(value) or value <= 0):
+        raise ProtocolError(f"'{key}' is {value!r}, expected a finite number > 0")
+    return value
+
+
+def ordered(tensors: Mapping[str, Any], names: tuple[str, ...]) -> list[Any]:
+    """phi_g (or an update) as SecAgg+'s unnamed list, in the order of ``names``."""
+    if sorted(tensors) != sorted(names):
+        raise ProtocolError(f"tensors {sorted(tensors)} are not the instruction's {sorted(names)}")
+    return [tensors[name] for name in names]
+
+
+def named(arrays: list[Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """SecAgg+'s unnamed list back into named tensors (the inverse of :func:`ordered`)."""
+    if len(arrays) != len(names):
+        raise ProtocolError(f"{len(arrays)} arrays for the {len(names)} tensors {list(names)}")
+    return dict(zip(names, arrays, strict=True))
+
+
+def secagg_weight(instruction: Instruction, num_examples: int) -> int:
+    """A client's weight in SecAgg+'s weighted mean: its train-set size n_k (FedAvg), or 1 in a DP
+    run, whose release is the uniform mean of the clipped updates (docs/METHOD.md "Privacy")."""
+    return 1 if instruction.clipping_norm is not None else int(num_examples)
+
+
+def update_problem(update: Mapping[str, np.ndarray], secagg_range: float) -> str | None:
+    """Why a client must not send ``update`` into SecAgg+ (the server cannot check a masked update:
+    SecAgg+ would clip a value beyond the range silently, and a NaN corrupts the sum), or None."""
+    for name, values in update.items():
+        values = np.asarray(values)
+        if not np.isfinite(values).all():
+            return f"its update of '{name}' is not finite"
+        largest = float(np.abs(values).max()) if values.size else 0.0
+        if largest > secagg_range:
+            return (
+                f"its update of '{name}' holds {largest:.4g}, beyond SecAgg+'s range +-{secagg_range:g}: "
+                "raise secagg.clipping-range (or lower the learning rate)"
+            )
+    return None
 
 
 # ------------------------------------------------------------------------------ client -> server

@@ -4,7 +4,8 @@ The method declares its plan (:mod:`fedpurel_app.plan`): the zero-shot
 evaluation, Stage-1 rounds, personalization rounds and evaluations. For each
 step this app sends the step's messages (:mod:`fedpurel_app.protocol`),
 checks every reply, hands the results to the library
-(:class:`fedpurel_app.server.ServerRun`) and checkpoints; ``resume-from``
+(:class:`fedpurel_app.server.ServerRun`) and checkpoints (a Stage-1 round with
+``secagg.enabled`` is aggregated by Flower's SecAgg+: :mod:`server_app.secagg`); ``resume-from``
 continues a killed run after its last completed step. The plan is logged at
 the start.
 
@@ -32,6 +33,7 @@ from fedpurel_app.protocol import EvaluateReply, Instruction, PersonalizeReply
 from fedpurel_app.server import ServerRun
 
 from .exchange import send_and_receive
+from .secagg import check_sample_size, secure_round
 from .strategy import FedPuReLStrategy, metrics_of
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -168,12 +170,26 @@ def _execute(grid: Grid, run: ServerRun) -> None:
                     cfg.dp.clipping_norm,
                     cfg.dp.delta,
                 )
-            replies = exchange(messages)
-            arrays, metrics = strategy.aggregate_train(step.round, replies)
+            if cfg.secagg.enabled:
+                check_sample_size(strategy.sample_size(len(strategy.nodes(grid))))
+                secure = secure_round(
+                    grid,
+                    exchange,
+                    strategy.last_sampled,
+                    run.phi_g,
+                    instruction(step.round, train=True),
+                    cfg.secagg,
+                    int(run.counts.sum()),
+                    cfg.round_timeout,
+                    strategy.noise_multiplier,
+                )
+                run.phi_g, train = secure.phi_g, secure.train_metrics()
+            else:
+                arrays, metrics = strategy.aggregate_train(step.round, exchange(messages))
+                run.phi_g = arrays.to_torch_state_dict()
+                train = dict(metrics) if metrics is not None else {}
             if cfg.dp.enabled:
                 privacy = run.privacy_release(len(strategy.last_sampled))
-            run.phi_g = arrays.to_torch_state_dict()
-            train = dict(metrics) if metrics is not None else {}
             train["clients"] = len(strategy.last_sampled)
         if step.personalize:
             nodes = strategy.last_sampled if step.personalize == "sampled" else None
@@ -197,7 +213,16 @@ def _content_bytes(msg: Message) -> int:
     """Bytes of a message's records (Flower's own count: the arrays' data, keys and metrics)."""
     if msg.has_error():
         return 0
-    return sum(record.count_bytes() for record in msg.content.values())
+    return sum(_record_bytes(record) for record in msg.content.values())
+
+
+def _record_bytes(record) -> int:
+    """Flower's ``count_bytes``; for a record it cannot count (it raises on an empty str or bytes
+    value and on an empty list, which SecAgg+'s records hold), the length of its serialized form."""
+    try:
+        return record.count_bytes()
+    except (ValueError, IndexError):
+        return len(record.deflate())
 
 
 def _by_partition(replies: list) -> list:
@@ -228,6 +253,11 @@ def _log_step(
                 f"(noise multiplier {privacy['noise_multiplier']:.3g}, clipping norm {privacy['clipping_norm']:g})"
             )
         )
+        if train and "secagg-contributors" in train:
+            spent += (
+                f" | SecAgg+ {train['secagg-contributors']}/{train['clients']} clients, "
+                f"{train['secagg-arrays-received']} arrays at the server"
+            )
         log(
             INFO,
             "[fedpurel] round %d/%d global    GM all %s few %s | conflict %s | %.1fs%s",

@@ -9,6 +9,7 @@ as a restart does.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,10 +63,12 @@ class DirectGrid:
     def push_messages(self, messages) -> list[str]:
         ids = []
         for i, msg in enumerate(messages):
-            rnd = int(msg.content[protocol.CONFIG]["server-round"])
-            if rnd == self.kill_at_round and msg.metadata.message_type != protocol.QUERY:
+            config = msg.content.config_records.get(protocol.CONFIG)  # SecAgg+'s stages carry none
+            rnd = int(config["server-round"]) if config is not None else None
+            if rnd is not None and rnd == self.kill_at_round and msg.metadata.message_type != protocol.QUERY:
                 raise Killed(f"killed while sending round {rnd}")
             msg.metadata.__dict__["_message_id"] = f"{len(self.sent)}-{rnd}-{msg.metadata.message_type}-{i}"
+            msg.content = copy.deepcopy(msg.content)  # as the wire does: the node gets its own copy
             self.sent.append(msg)
             ids.append(msg.metadata.message_id)
             reply = self.reply(msg)

@@ -1,31 +1,175 @@
-"""Stage 1 through Flower's SecAgg+ (the prototype of bench/secagg_stage1.py): our ClientApp behind
-``secaggplus_mod``, one round aggregated by ``SecAggPlusWorkflow`` in a ``LegacyContext``."""
+"""Stage 1 through Flower's SecAgg+ (``secagg.enabled``): the ClientApp behind ``secaggplus_mod``,
+rounds aggregated by ``SecAggPlusWorkflow`` inside the ServerApp's own loop (in this process; the
+loopback deployment with TLS and node authentication is in tests/test_deployment.py)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import json
 
 import pytest
+import torch
+from flwr.app import ArrayRecord
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from fedpurel_app import protocol
+from fedpurel_app.errors import ClientError, ConfigError
+from fedpurel_app.privacy import private_mean, update_norm
+from fedpurel_app.protocol import Instruction, ProtocolError
+from fedpurel_app.server import ServerRun
+from server_app import app as server
+from server_app.exchange import send_and_receive
+from server_app.secagg import quantization_bound, secure_round
+from server_app.strategy import FedPuReLStrategy
+from tests.conftest import SMALL_RUN, make_cfg
+from tests.fake_grid import DirectGrid, only_run_dir, run_server, set_task_identity
 
-from secagg_stage1 import one_round  # noqa: E402
+CLIENTS = 4
+RUN = {**SMALL_RUN, "personalize.rounds": 0, "track.tensorboard": False}
 
-from tests.conftest import SMALL_RUN  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def identity(monkeypatch):
+    set_task_identity(monkeypatch)
 
 
-@pytest.mark.parametrize("clipping_norm", [None, 0.01], ids=["fedavg", "dp"])
-def test_the_secagg_aggregate_is_the_plain_one_within_quantization_and_the_server_holds_no_update(
-    tmp_path, clipping_norm
-):
-    run = {**SMALL_RUN, "train.rounds": 1, "output-dir": str(tmp_path), "track.tensorboard": False}
-    out = one_round(run, 3, clipping_norm)
-    assert out["contributors"] == 3
-    assert out["max_error"] <= out["bound"], "the n_k-weighted (or, with DP, uniform clipped) mean"
-    assert out["max_error"] < 1e-3 * out["largest_update_value"]
-    assert out["replies_received"] == 4 * 3, "four stages, one reply per client each"
-    assert out["arrays_received"] == 0, "no reply carries an array: updates arrive masked only"
-    if clipping_norm:
-        assert out["weights"] == [1, 1, 1]
-        assert out["update_norms"] == pytest.approx([clipping_norm] * 3, rel=1e-4)
+def test_the_instruction_carries_the_tensor_order_and_the_range_and_refuses_half_of_them():
+    sent = Instruction(3, "run", (5, 1), False, 0.5, ("b", "a"), 0.5)
+    assert Instruction.read(sent.to_config()) == sent
+    config = sent.to_config()
+    del config[protocol.SECAGG_RANGE]
+    with pytest.raises(ProtocolError, match="come together"):
+        Instruction.read(config)
+    with pytest.raises(ProtocolError, match="expected a list of tensor names"):
+        Instruction.read({**sent.to_config(), protocol.SECAGG_NAMES: [1, 2]})
+    assert protocol.named(protocol.ordered({"a": 1, "b": 2}, ("b", "a")), ("b", "a")) == {"a": 1, "b": 2}
+    with pytest.raises(ProtocolError):
+        protocol.ordered({"a": 1}, ("a", "b"))
+
+
+def test_a_client_refuses_to_send_an_update_secagg_would_clip_or_a_non_finite_one():
+    import numpy as np
+
+    assert protocol.update_problem({"w": np.array([0.5, -1.0])}, 1.0) is None
+    assert "secagg.clipping-range" in protocol.update_problem({"w": np.array([0.5, -1.5])}, 1.0)
+    assert "not finite" in protocol.update_problem({"w": np.array([np.nan])}, 1.0)
+    assert protocol.secagg_weight(Instruction(1), 37) == 37
+    assert protocol.secagg_weight(Instruction(1, clipping_norm=0.1), 37) == 1
+
+
+def test_the_quantization_bound_by_hand():
+    # step 2 * 1 / (5 - 1) = 0.5; ratios round(5 * 1 / 4) / 5 = 0.2, round(5 * 3 / 4) / 5 = 0.8
+    # -> 2 clients * 0.5 / (0.2 + 0.8) = 1.0
+    assert quantization_bound(1.0, [1, 3], 4.0, 5) == pytest.approx(1.0)
+
+
+def _round_one(tmp_path, dp: bool):
+    """Round 1 of the same clients twice: plain (every update seen) and through SecAgg+."""
+    flat = {**RUN, "output-dir": str(tmp_path), **({"dp.enabled": True, "dp.clipping-norm": 0.01} if dp else {})}
+    cfg = make_cfg(flat)
+    run = ServerRun(cfg, server.APP_DIR)
+    grid = DirectGrid(cfg.to_flower(), CLIENTS)
+    nodes = grid.get_node_ids()
+    strategy = FedPuReLStrategy({k: tuple(v.shape) for k, v in run.phi_g.items()}, max_examples=int(run.counts.sum()))
+    instruction = Instruction(1, run.tag, run.class_counts_for_messages(), False, 0.01 if dp else None)
+    replies = send_and_receive(grid, strategy.configure_train(1, ArrayRecord(run.phi_g), instruction, grid), 60)
+    seen = [
+        (m.content[protocol.ARRAYS].to_torch_state_dict(), int(m.content[protocol.METRICS]["num-examples"]))
+        for m in replies
+    ]
+    before = len(grid.received)
+    exchange = lambda messages: send_and_receive(grid, messages, 60)  # noqa: E731
+    secure = secure_round(grid, exchange, nodes, run.phi_g, instruction, cfg.secagg, int(run.counts.sum()), 60.0)
+    return run, seen, secure, grid.received[before:]
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["fedavg", "dp"])
+def test_the_secagg_release_is_the_plain_one_within_quantization_and_the_server_receives_no_update(tmp_path, dp):
+    run, seen, secure, received = _round_one(tmp_path, dp)
+    phi_g = run.phi_g
+    if dp:
+        expected = private_mean(phi_g, [u for u, _ in seen], CLIENTS, 0.0, 0.01)
+        bound = quantization_bound(0.01, [1] * CLIENTS, 1.0, 4194304)
+        assert [update_norm(u, phi_g) for u, _ in seen] == pytest.approx([0.01] * CLIENTS, rel=1e-4)
+    else:
+        total = sum(w for _, w in seen)
+        expected = {
+            k: phi_g[k].double() + sum((u[k].double() - phi_g[k].double()) * w for u, w in seen) / total for k in phi_g
+        }
+        bound = quantization_bound(8.0, [w for _, w in seen], float(run.counts.sum()), 4194304)
+    error = max(float((secure.phi_g[k].double() - expected[k].double()).abs().max()) for k in phi_g)
+    change = max(float((expected[k].double() - phi_g[k].double()).abs().max()) for k in phi_g)
+    assert error <= bound + 1e-7, "SecAgg+'s mean is the plain one up to its quantization (and float32)"
+    assert error < 1e-2 * change, "the round did move phi_g: the comparison is not vacuous"
+    assert secure.contributors == sorted(secure.contributors) and len(secure.contributors) == CLIENTS
+    assert secure.replies == len(received) == 4 * CLIENTS, "four stages, one reply of every client each"
+    assert secure.arrays_received == 0
+    assert all(not r for msg in received for r in msg.content.array_records.values()), "no update in the clear"
+    assert all(RECORD_KEY_CONFIGS in msg.content.config_records for msg in received)
+    assert secure.metrics["task-loss"] > 0 and "partition-id" not in secure.metrics
+
+
+def test_a_run_with_secagg_records_each_rounds_contributors_and_no_array_and_stays_close_to_plain(tmp_path):
+    outcome = {}
+    for name, extra in (("plain", {}), ("secagg", {"secagg.enabled": True})):
+        flat = {**RUN, "output-dir": str(tmp_path / name), **extra}
+        grid = DirectGrid(flat, CLIENTS)
+        run_server(flat, grid)
+        folder = only_run_dir(tmp_path / name)
+        arrays = sum(len(r) for m in grid.received if not m.has_error() for r in m.content.array_records.values())
+        outcome[name] = (
+            json.loads((folder / "results.json").read_text()),
+            load_file(str(folder / "phi_g.safetensors")),
+            arrays,
+        )
+    (plain, plain_phi, plain_arrays), (secure, secure_phi, secure_arrays) = outcome["plain"], outcome["secagg"]
+    assert plain_arrays > 0 and secure_arrays == 0, "the plain run's server holds every update, the SecAgg+ run's none"
+    trains = [r["train"] for r in secure["rounds"] if r["phase"] == "global"]
+    assert [t["clients"] for t in trains] == [CLIENTS, 2], "round 1 every client, then train.fraction 0.4 of 4"
+    assert [t["secagg-contributors"] for t in trains] == [CLIENTS, 2]
+    assert [t["secagg-replies"] for t in trains] == [4 * CLIENTS, 4 * 2]
+    assert [t["secagg-arrays-received"] for t in trains] == [0, 0]
+    plain_trains = [r["train"] for r in plain["rounds"] if r["phase"] == "global"]
+    assert trains[0]["task-loss"] == pytest.approx(plain_trains[0]["task-loss"], rel=1e-9), "round 1: the same updates"
+    assert trains[1]["task-loss"] == pytest.approx(plain_trains[1]["task-loss"], rel=1e-2), (
+        "round 2: from a close phi_g"
+    )
+    difference = max(float((secure_phi[k] - plain_phi[k]).abs().max()) for k in plain_phi)
+    assert difference < 1e-3, "two rounds later the runs still agree up to quantization's drift"
+    assert secure["final"]["gm"]["all"] == pytest.approx(plain["final"]["gm"]["all"], abs=0.02)
+
+
+def test_updates_beyond_the_range_halt_the_round_with_the_clients_own_message(tmp_path):
+    flat = {**RUN, "output-dir": str(tmp_path), "secagg.enabled": True, "secagg.clipping-range": 1e-6}
+    with pytest.raises(ClientError, match=r"secure aggregation halted.*raise secagg.clipping-range"):
+        run_server(flat, DirectGrid(flat, CLIENTS))
+
+
+def test_a_round_of_one_client_is_refused_before_training(tmp_path):
+    flat = {**RUN, "output-dir": str(tmp_path), "secagg.enabled": True, "train.fraction": 0.25}
+    grid = DirectGrid(flat, 3)
+    with pytest.raises(ConfigError, match="SecAgg\\+ needs at least 2: raise train.fraction"):
+        run_server(flat, grid)
+    assert not any(m.metadata.message_type == protocol.TRAIN for m in grid.sent), "no client trained"
+
+
+def test_plain_stage_1_messages_bypass_secaggplus_mod(tmp_path):
+    flat = {**RUN, "output-dir": str(tmp_path), "train.rounds": 1}
+    grid = DirectGrid(flat, 2)
+    run_server(flat, grid)
+    trains = [m for m in grid.received if m.metadata.message_type == protocol.TRAIN]
+    assert trains and all(RECORD_KEY_CONFIGS not in m.content.config_records for m in trains)
+    assert all(len(m.content.array_records[protocol.ARRAYS]) > 0 for m in trains)
+    assert torch.is_tensor(next(iter(trains[0].content[protocol.ARRAYS].to_torch_state_dict().values())))
+
+
+def test_dp_with_secagg_reports_the_privacy_spent_each_round_and_the_server_holds_no_update(tmp_path):
+    flat = {**RUN, "output-dir": str(tmp_path), "secagg.enabled": True, "dp.enabled": True, "dp.clipping-norm": 0.01}
+    grid = DirectGrid(flat, CLIENTS)
+    run_server(flat, grid)
+    results = json.loads((only_run_dir(tmp_path) / "results.json").read_text())
+    rounds = [r for r in results["rounds"] if r["phase"] == "global"]
+    assert [set(r["privacy"]) for r in rounds] == [{"epsilon", "delta", "noise_multiplier", "clipping_norm"}] * 2
+    assert rounds[0]["privacy"]["epsilon"] < rounds[1]["privacy"]["epsilon"]
+    assert [r["train"]["secagg-arrays-received"] for r in rounds] == [0, 0]
+    assert not any(r for m in grid.received if not m.has_error() for r in m.content.array_records.values())
