@@ -55,6 +55,13 @@ def stability(run: dict) -> float:
     return 100 * float(np.std(values[-STABILITY_ROUNDS:]))
 
 
+def decay(run: dict) -> float:
+    """GM All of the best Stage-1 round minus that of the last, in points (0: it ends at its best):
+    a model that peaks early and declines scores high even with a small std."""
+    values = [r["gm"]["all"] for r in run.get("rounds", []) if r.get("phase") == "global" and "gm" in r]
+    return 100 * (max(values) - values[-1]) if values else math.nan
+
+
 def gap(field: str) -> Value:
     """A confidence-gap figure of the final GM evaluation (fedpurel_app.tkl.confidence_gap)."""
     return lambda run: float(run["final"]["gm"].get(field, math.nan))
@@ -149,6 +156,9 @@ def claims(runs: dict[str, dict[int, dict]]) -> list[tuple[str, str, str]]:
     for base in ("promptfl", "promptfl-la", "fed-grab", "promptfolio"):
         d = paired(runs, ("fedpurel", stability), (base, stability))
         rows.append((f"stability: std of GM All, last 10 rounds, below {base}'s", cell(d, 2), verdict(d, -1)))
+    for base in ("promptfl", "promptfl-la", "fed-grab", "promptfolio"):
+        d = paired(runs, ("fedpurel", decay), (base, decay))
+        rows.append((f"stability: decay (best round - last, GM All) below {base}'s", cell(d), verdict(d, -1)))
     return rows
 
 

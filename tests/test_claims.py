@@ -38,6 +38,10 @@ def test_paired_differences_and_their_verdicts():
     assert claims.verdict([]) == "not measured"
     # the stability figure: std of the alternating GM All of the last 10 rounds = 0.5 points
     assert claims.stability(runs["fedpurel"][0]) == pytest.approx(0.5)
+    # decay: the 12 rounds alternate x, x + 1 point and end on x + 1 (r = 11 is odd): 0 points
+    assert claims.decay(runs["fedpurel"][0]) == pytest.approx(0.0)
+    declining = {"rounds": [{"phase": "global", "gm": {"all": a}} for a in (0.60, 0.74, 0.70, 0.715)]}
+    assert claims.decay(declining) == pytest.approx(2.5)  # best 74 %, last 71.5 %
     rows = {row[0]: row for row in claims.claims(runs)}
     assert rows["GM All above promptfl"][2] == "holds"
     assert rows["PM above GM (FedPuReL PM All - GM All)"][1] == "+8.0 ± 0.8"
