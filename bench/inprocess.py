@@ -239,6 +239,11 @@ def main() -> None:
             if name is not None:
                 run["method.name"] = name
             cfg = run_cfg(run)
+            if cfg.secagg.enabled:  # its masking needs Flower's messages: no in-process stand-in
+                sys.exit(
+                    "secagg.enabled runs only through Flower (bash scripts/run.sh, a deployment, or "
+                    "fedpurel compare --engine flower); the in-process engine has no SecAgg+"
+                )
             torch.manual_seed(cfg.seed)
             out = run_inprocess(cfg, args.clients, args.keep_node_state)
             results = out["results"]

@@ -171,7 +171,8 @@ def _execute(grid: Grid, run: ServerRun) -> None:
                     cfg.dp.delta,
                 )
             if cfg.secagg.enabled:
-                check_sample_size(strategy.sample_size(len(strategy.nodes(grid))))
+                nodes = len(strategy.nodes(grid))  # before any training: the smallest round of the plan
+                check_sample_size(min(strategy.sample_size(s.round, nodes) for s in plan.steps if s.train))
                 secure = secure_round(
                     grid,
                     exchange,

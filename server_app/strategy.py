@@ -99,15 +99,17 @@ class FedPuReLStrategy(FedAvg):
             time.sleep(1)
         return nodes
 
-    def sample_size(self, num_nodes: int) -> int:
-        """Clients sampled in a round after the first (and in the first, unless it takes every node)."""
+    def sample_size(self, server_round: int, num_nodes: int) -> int:
+        """How many of ``num_nodes`` clients round ``server_round`` trains."""
+        if server_round == 1 and self.all_clients_first_round:
+            return num_nodes
         return min(num_nodes, max(self.min_train_nodes, int(round(num_nodes * self.fraction_train))))
 
     def sample(self, server_round: int, grid: Grid) -> list[int]:
         nodes = self.nodes(grid)
         if server_round == 1 and self.all_clients_first_round:
             return nodes
-        size = self.sample_size(len(nodes))
+        size = self.sample_size(server_round, len(nodes))
         rng = np.random.default_rng([self.seed, server_round])
         picked = rng.choice(len(nodes), size=size, replace=False)
         return [nodes[i] for i in sorted(picked)]

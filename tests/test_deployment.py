@@ -10,7 +10,10 @@ finalizer, also when a test fails. One federation serves the whole module:
 4. a SuperNode killed (SIGKILL of its process group: a crashed host) during Stage 1
    is detected by heartbeat and the run completes with the other two; restarted
    with the same key, the node rejoins under the same node ID;
-5. a SuperNode killed and restarted between two personalization rounds of one run
+5. a new run's fresh ClientApps restore phi_k from the state-dirs (the restarted node's too);
+6. the same Stage-1 round through SecAgg+ (secagg.enabled) gives the plain run's FedAvg within
+   SecAgg+'s quantization, and no reply that reaches the ServerApp holds an array;
+7. a SuperNode killed and restarted between two personalization rounds of one run
    continues from the phi_k in its state-dir.
 
 Every node holds its own data folder (node-config data-dir, written from its
@@ -50,6 +53,8 @@ KILL_RUN = (
     "train.rounds=1 personalize.rounds=0 train.local-epochs=1 data.client-test-size=30 train.min-nodes=2 "
     "round-timeout=150"
 )
+# (c): the same round on all three nodes, plain and through SecAgg+.
+ONE_ROUND = KILL_RUN.replace("train.min-nodes=2", "train.min-nodes=3")
 
 
 class Federation:
@@ -337,7 +342,34 @@ def test_a_supernode_killed_during_stage_1_and_the_run_completes_with_the_others
     assert victim_id in fed.online(), fed.log(f"supernode-{victim}")[-3000:]
 
 
-def test_a_restarted_supernode_keeps_its_phi_k_on_disk(fed):
+@pytest.fixture(scope="module")
+def one_round(fed):
+    """A plain run of ONE_ROUND on all nodes (after (a) and (b): it is also the restart check's run),
+    with the SHA-256 of each node's phi_k file before it."""
+    import hashlib
+
+    files = [fed.dir / "nodes" / str(i) / "state" / "phi_k.safetensors" for i in range(NUM_NODES)]
+    before = [hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None for f in files]
+    out_dir = fed.dir / "outputs-one-round"
+    t0 = time.monotonic()
+    proc = _deploy_run(fed, ONE_ROUND, out_dir)
+    fed.timings["run (c)"] = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return {"proc": proc, "out": out_dir, "phi_k": files, "before": before}
+
+
+def _deploy_run(fed, overrides: str, out_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(REPO / "deploy" / "run.sh"), overrides],
+        cwd=REPO,
+        env={**fed.env, "OUTPUT_DIR": str(out_dir)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_a_restarted_supernode_keeps_its_phi_k_on_disk(fed, one_round):
     """After (a) every node saved phi_k in its state-dir; the node killed and restarted in (b)
     still has that file, unchanged and owner-only, and a new run's ClientApp (a fresh process
     with an empty context.state) personalizes with it: every node, the restarted one included,
@@ -345,26 +377,47 @@ def test_a_restarted_supernode_keeps_its_phi_k_on_disk(fed):
     import hashlib
 
     victim = NUM_NODES - 1
-    phi_k = fed.dir / "nodes" / str(victim) / "state" / "phi_k.safetensors"
-    assert phi_k.is_file(), "run (a) did not save phi_k in the node's state-dir"
+    phi_k = one_round["phi_k"][victim]
+    assert one_round["before"][victim] is not None, "run (a) did not save phi_k in the node's state-dir"
     assert phi_k.stat().st_mode & 0o777 == 0o600
-    before = hashlib.sha256(phi_k.read_bytes()).hexdigest()
-    out_dir = fed.dir / "outputs-restart"
-    proc = subprocess.run(
-        ["bash", str(REPO / "deploy" / "run.sh"), KILL_RUN.replace("train.min-nodes=2", "train.min-nodes=3")],
-        cwd=REPO,
-        env={**fed.env, "OUTPUT_DIR": str(out_dir)},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    pm = _results(out_dir)["final"]["pm"]
+    proc = one_round["proc"]
+    pm = _results(one_round["out"])["final"]["pm"]
     assert pm["num_clients"] == NUM_NODES
     assert pm["personalized_clients"] == NUM_NODES, "a node lost its phi_k across the restart"
     # This run's first message to each node (a new run: an empty context.state) restored phi_k.
     assert f"{NUM_NODES} of {NUM_NODES} clients restored their private state" in proc.stdout, proc.stdout[-3000:]
-    assert hashlib.sha256(phi_k.read_bytes()).hexdigest() == before
+    assert hashlib.sha256(phi_k.read_bytes()).hexdigest() == one_round["before"][victim]
+
+
+def test_stage_1_through_secagg_gives_plain_fedavg_within_quantization_and_the_server_no_update(
+    fed, one_round, request
+):
+    """The same run as the plain one above with secagg.enabled, over TLS with node authentication:
+    SecAgg+'s four exchanges, phi_g equal to the plain run's FedAvg within SecAgg+'s quantization,
+    and no reply that reached the ServerApp held an array."""
+    from safetensors.torch import load_file
+
+    from server_app.secagg import quantization_bound
+
+    out_dir = fed.dir / "outputs-secagg"
+    t0 = time.monotonic()
+    proc = _deploy_run(fed, ONE_ROUND + " secagg.enabled=true", out_dir)
+    fed.timings["run (secagg)"] = time.monotonic() - t0
+    assert proc.returncode == 0 and "finished:completed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "Secure aggregation completed." in proc.stdout
+    results = _results(out_dir)
+    train = results["rounds"][0]["train"]
+    assert (train["clients"], train["secagg-contributors"]) == (NUM_NODES, NUM_NODES)
+    assert train["secagg-replies"] == 4 * NUM_NODES and train["secagg-arrays-received"] == 0
+    assert "secagg-contributors" not in _results(one_round["out"])["rounds"][0]["train"]
+    plain = load_file(str(next(one_round["out"].glob("*/phi_g.safetensors"))))
+    secure = load_file(str(next(out_dir.glob("*/phi_g.safetensors"))))
+    error = max(float((secure[k].double() - plain[k].double()).abs().max()) for k in plain)
+    # Round 1 takes every node: the weights n_k / W sum to 1 (W the total), so the bound is that
+    # of equal shares of W, plus float32's rounding of phi_g.
+    bound = quantization_bound(8.0, [1] * NUM_NODES, NUM_NODES, 4194304) + 1e-6
+    _report(request.config, f"\n[secagg deployment] max |SecAgg+ - plain FedAvg| = {error:.3g} (bound {bound:.3g})")
+    assert 0 < error <= bound, (error, bound)
 
 
 def test_a_supernode_restarted_between_rounds_continues_from_its_phi_k(fed):

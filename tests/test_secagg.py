@@ -5,24 +5,26 @@ loopback deployment with TLS and node authentication is in tests/test_deployment
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from safetensors.torch import load_file
 
 from fedpurel_app import protocol
 from fedpurel_app.errors import ClientError, ConfigError
-from fedpurel_app.privacy import private_mean, update_norm
 from fedpurel_app.protocol import Instruction, ProtocolError
-from fedpurel_app.server import ServerRun
-from server_app import app as server
-from server_app.exchange import send_and_receive
-from server_app.secagg import quantization_bound, secure_round
-from server_app.strategy import FedPuReLStrategy
-from tests.conftest import SMALL_RUN, make_cfg
+from server_app.secagg import quantization_bound
+from tests.conftest import SMALL_RUN
 from tests.fake_grid import DirectGrid, only_run_dir, run_server, set_task_identity
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from secagg_stage1 import one_round  # noqa: E402
 
 CLIENTS = 4
 RUN = {**SMALL_RUN, "personalize.rounds": 0, "track.tensorboard": False}
@@ -63,50 +65,34 @@ def test_the_quantization_bound_by_hand():
     assert quantization_bound(1.0, [1, 3], 4.0, 5) == pytest.approx(1.0)
 
 
-def _round_one(tmp_path, dp: bool):
-    """Round 1 of the same clients twice: plain (every update seen) and through SecAgg+."""
-    flat = {**RUN, "output-dir": str(tmp_path), **({"dp.enabled": True, "dp.clipping-norm": 0.01} if dp else {})}
-    cfg = make_cfg(flat)
-    run = ServerRun(cfg, server.APP_DIR)
-    grid = DirectGrid(cfg.to_flower(), CLIENTS)
-    nodes = grid.get_node_ids()
-    strategy = FedPuReLStrategy({k: tuple(v.shape) for k, v in run.phi_g.items()}, max_examples=int(run.counts.sum()))
-    instruction = Instruction(1, run.tag, run.class_counts_for_messages(), False, 0.01 if dp else None)
-    replies = send_and_receive(grid, strategy.configure_train(1, ArrayRecord(run.phi_g), instruction, grid), 60)
-    seen = [
-        (m.content[protocol.ARRAYS].to_torch_state_dict(), int(m.content[protocol.METRICS]["num-examples"]))
-        for m in replies
-    ]
-    before = len(grid.received)
-    exchange = lambda messages: send_and_receive(grid, messages, 60)  # noqa: E731
-    secure = secure_round(grid, exchange, nodes, run.phi_g, instruction, cfg.secagg, int(run.counts.sum()), 60.0)
-    return run, seen, secure, grid.received[before:]
-
-
 @pytest.mark.parametrize("dp", [False, True], ids=["fedavg", "dp"])
 def test_the_secagg_release_is_the_plain_one_within_quantization_and_the_server_receives_no_update(tmp_path, dp):
-    run, seen, secure, received = _round_one(tmp_path, dp)
-    phi_g = run.phi_g
+    flat = {**RUN, "output-dir": str(tmp_path)}
+    out = one_round(flat, CLIENTS, 0.01 if dp else None)
     if dp:
-        expected = private_mean(phi_g, [u for u, _ in seen], CLIENTS, 0.0, 0.01)
-        bound = quantization_bound(0.01, [1] * CLIENTS, 1.0, 4194304)
-        assert [update_norm(u, phi_g) for u, _ in seen] == pytest.approx([0.01] * CLIENTS, rel=1e-4)
-    else:
-        total = sum(w for _, w in seen)
-        expected = {
-            k: phi_g[k].double() + sum((u[k].double() - phi_g[k].double()) * w for u, w in seen) / total for k in phi_g
-        }
-        bound = quantization_bound(8.0, [w for _, w in seen], float(run.counts.sum()), 4194304)
-    error = max(float((secure.phi_g[k].double() - expected[k].double()).abs().max()) for k in phi_g)
-    change = max(float((expected[k].double() - phi_g[k].double()).abs().max()) for k in phi_g)
-    assert error <= bound + 1e-7, "SecAgg+'s mean is the plain one up to its quantization (and float32)"
-    assert error < 1e-2 * change, "the round did move phi_g: the comparison is not vacuous"
-    assert secure.contributors == sorted(secure.contributors) and len(secure.contributors) == CLIENTS
-    assert secure.replies == len(received) == 4 * CLIENTS, "four stages, one reply of every client each"
-    assert secure.arrays_received == 0
-    assert all(not r for msg in received for r in msg.content.array_records.values()), "no update in the clear"
-    assert all(RECORD_KEY_CONFIGS in msg.content.config_records for msg in received)
-    assert secure.metrics["task-loss"] > 0 and "partition-id" not in secure.metrics
+        assert out["update_norms"] == pytest.approx([0.01] * CLIENTS, rel=1e-4), "every update clipped to C"
+    assert out["max_error"] <= out["bound"] + 1e-7, "SecAgg+'s mean is the plain one up to its quantization"
+    assert out["max_error"] < 1e-2 * out["largest_change"], "the round did move phi_g: the comparison is not vacuous"
+    assert out["contributors"] == CLIENTS
+    assert out["replies_received"] == len(out["received"]) == 4 * CLIENTS, "four stages, one reply per client each"
+    assert out["arrays_received"] == 0
+    assert all(not r for m in out["received"] for r in m.content.array_records.values()), "no update in the clear"
+    assert all(RECORD_KEY_CONFIGS in m.content.config_records for m in out["received"])
+    assert out["metrics"]["task-loss"] > 0 and "partition-id" not in out["metrics"]
+
+
+def test_the_in_process_engine_refuses_secagg_with_one_message():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "inprocess.py"), "--set", "secagg.enabled=true"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "secagg.enabled runs only through Flower (bash scripts/run.sh, a deployment, or fedpurel compare "
+        "--engine flower); the in-process engine has no SecAgg+"
+    ]
 
 
 def test_a_run_with_secagg_records_each_rounds_contributors_and_no_array_and_stays_close_to_plain(tmp_path):
@@ -173,3 +159,10 @@ def test_dp_with_secagg_reports_the_privacy_spent_each_round_and_the_server_hold
     assert rounds[0]["privacy"]["epsilon"] < rounds[1]["privacy"]["epsilon"]
     assert [r["train"]["secagg-arrays-received"] for r in rounds] == [0, 0]
     assert not any(r for m in grid.received if not m.has_error() for r in m.content.array_records.values())
+
+
+def test_a_single_round_that_takes_every_client_is_not_refused(tmp_path):
+    flat = {**RUN, "output-dir": str(tmp_path), "secagg.enabled": True, "train.fraction": 0.25, "train.rounds": 1}
+    run_server(flat, DirectGrid(flat, 3))  # round 1 trains all 3 clients; no later round samples 1
+    results = json.loads((only_run_dir(tmp_path) / "results.json").read_text())
+    assert results["rounds"][0]["train"]["secagg-contributors"] == 3
