@@ -74,8 +74,8 @@ def _numbers(kind: type, b: dict) -> tuple[st.SearchStrategy, st.SearchStrategy]
     if kind is int:
         valid = st.integers(int(lo), int(hi)).filter(lambda v: _in_range(v, b))
         out = st.one_of(
-            st.integers(-(10**6), int(lo) - 1) if "ge" in b or "gt" in b else st.nothing(),
-            st.integers(int(hi) + 1, 10**6) if "le" in b or "lt" in b else st.nothing(),
+            st.integers(min(-(10**6), 2 * int(lo)), int(lo) - 1) if "ge" in b or "gt" in b else st.nothing(),
+            st.integers(int(hi) + 1, max(10**6, 2 * int(hi) + 1)) if "le" in b or "lt" in b else st.nothing(),
         )
         # strict: a float (even 3.0) is no count, true is no number
         wrong = st.one_of(
