@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fedpurel_app.tkl import (
@@ -143,15 +143,17 @@ def test_solve_nan_target_is_finite():
     scale=st.floats(0.1, 10.0),
     points=st.sampled_from([2, 3, 7, 15, 63]),
 )
+@example(seed=505, c=2, scale=0.25, points=2)
 def test_probes_per_round_find_the_bisection_answer(seed, c, scale, points):
-    # Both brackets contain the crossing and end narrower than tol: the answers
-    # are within tol of each other, and each reproduces the target entropy.
+    # Both brackets contain the crossing and end narrower than tol, so each answer is
+    # within tol of the crossing and the two within 2 tol of each other (seed 505, 2
+    # classes, scale 0.25, 2 probes: 1.95e-9 apart); each reproduces the target entropy.
     logits = _logits(seed, 8, c, scale)
     tau_true = torch.rand(8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 5 + 0.1
     target = entropy(logits / tau_true.unsqueeze(-1))
     bisection = solve_temperature(logits, target, tol=1e-9, max_iter=60, points=1)
     probed = solve_temperature(logits, target, tol=1e-9, max_iter=60, points=points)
-    assert (probed - bisection).abs().max() <= 1e-9
+    assert (probed - bisection).abs().max() <= 2e-9
     assert torch.allclose(entropy(logits / probed.unsqueeze(-1)), target, atol=1e-6)
 
 
