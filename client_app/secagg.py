@@ -14,6 +14,7 @@ with the round's metrics.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import numpy as np
@@ -69,15 +70,14 @@ def _legacy_train(msg: Message, context: Context, dp_clipping: Mod, call_next: H
         )
     except protocol.ProtocolError as err:
         raise _Refused(Message(Error(protocol.USER_ERROR, f"ProtocolError: {err}"), reply_to=msg)) from err
-    ours = Message(
-        RecordDict(
-            {
-                protocol.ARRAYS: ArrayRecord({k: torch.from_numpy(np.array(v)) for k, v in phi_g.items()}),
-                protocol.CONFIG: ConfigRecord(config),
-            }
-        ),
-        dst_node_id=msg.metadata.dst_node_id,
-        message_type=protocol.TRAIN,
+    # The incoming message with our content (a new Message would need the run's identity, which a
+    # simulation's ClientApp does not have): the same metadata, a message of type train.
+    ours = copy.copy(msg)
+    ours.content = RecordDict(
+        {
+            protocol.ARRAYS: ArrayRecord({k: torch.from_numpy(np.array(v)) for k, v in phi_g.items()}),
+            protocol.CONFIG: ConfigRecord(config),
+        }
     )
     out = dp_clipping(ours, context, call_next)
     if out.has_error():

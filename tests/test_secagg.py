@@ -166,3 +166,27 @@ def test_a_single_round_that_takes_every_client_is_not_refused(tmp_path):
     run_server(flat, DirectGrid(flat, 3))  # round 1 trains all 3 clients; no later round samples 1
     results = json.loads((only_run_dir(tmp_path) / "results.json").read_text())
     assert results["rounds"][0]["train"]["secagg-contributors"] == 3
+
+
+class _NodesWithoutIdentity(DirectGrid):
+    """The ClientApp as a simulation's Ray actor runs it: without the run's task identity."""
+
+    def reply(self, msg):
+        from flwr.supercore.task_identity import TaskIdentity
+
+        names = ("_run_id", "_node_id", "_task_id")
+        saved = {name: getattr(TaskIdentity, name) for name in names}
+        for name in names:
+            setattr(TaskIdentity, name, None)
+        try:
+            return super().reply(msg)
+        finally:
+            for name, value in saved.items():
+                setattr(TaskIdentity, name, value)
+
+
+def test_a_client_without_the_runs_identity_takes_part_as_in_a_simulation(tmp_path):
+    flat = {**RUN, "output-dir": str(tmp_path), "secagg.enabled": True, "train.rounds": 1}
+    run_server(flat, _NodesWithoutIdentity(flat, 3))
+    results = json.loads((only_run_dir(tmp_path) / "results.json").read_text())
+    assert results["rounds"][0]["train"]["secagg-contributors"] == 3
