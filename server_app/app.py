@@ -171,8 +171,8 @@ def _execute(grid: Grid, run: ServerRun) -> None:
                     cfg.dp.delta,
                 )
             if cfg.secagg.enabled:
-                nodes = len(strategy.nodes(grid))  # before any training: the smallest round of the plan
-                check_sample_size(min(strategy.sample_size(s.round, nodes) for s in plan.steps if s.train))
+                connected = len(strategy.nodes(grid))  # before any training: the plan's smallest round
+                check_sample_size(min(strategy.sample_size(s.round, connected) for s in plan.steps if s.train))
                 secure = secure_round(
                     grid,
                     exchange,
