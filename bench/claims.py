@@ -156,7 +156,6 @@ def claims(runs: dict[str, dict[int, dict]]) -> list[tuple[str, str, str]]:
     for base in ("promptfl", "promptfl-la", "fed-grab", "promptfolio"):
         d = paired(runs, ("fedpurel", stability), (base, stability))
         rows.append((f"stability: std of GM All, last 10 rounds, below {base}'s", cell(d, 2), verdict(d, -1)))
-    for base in ("promptfl", "promptfl-la", "fed-grab", "promptfolio"):
         d = paired(runs, ("fedpurel", decay), (base, decay))
         rows.append((f"stability: decay (best round - last, GM All) below {base}'s", cell(d), verdict(d, -1)))
     return rows

@@ -124,9 +124,9 @@ class Instruction:
             config["evaluate"] = True
         if self.clipping_norm is not None:
             config[CLIPPING_NORM] = float(self.clipping_norm)
-        if self.secagg_names is not None:
+        if self.secagg_names is not None:  # the two come together (``read`` refuses one alone)
             config[SECAGG_NAMES] = list(self.secagg_names)
-            config[SECAGG_RANGE] = float(self.secagg_range or 0.0)
+            config[SECAGG_RANGE] = float(self.secagg_range)
         return config
 
     @classmethod

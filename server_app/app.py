@@ -148,6 +148,9 @@ def _execute(grid: Grid, run: ServerRun) -> None:
         query = strategy.configure_query(instruction(0), grid)
         strategy.identities(exchange(query))
 
+    if cfg.secagg.enabled:  # before any training: SecAgg+ needs 2 clients in the plan's smallest round
+        connected = len(strategy.nodes(grid))
+        check_sample_size(min(strategy.sample_size(s.round, connected) for s in plan.steps if s.train))
     total = plan.total_rounds
     for index, step in enumerate(plan.steps):
         if index <= run.done:
@@ -158,9 +161,12 @@ def _execute(grid: Grid, run: ServerRun) -> None:
         if step.phase == "zero-shot":
             pm = evaluate_pm(0) if step.pm else None
         if step.train:
-            messages = list(
-                strategy.configure_train(step.round, ArrayRecord(run.phi_g), instruction(step.round, train=True), grid)
-            )
+            train_instruction = instruction(step.round, train=True)
+            if cfg.secagg.enabled:  # SecAgg+ sends its own messages: only the sampling is ours
+                sampled, messages = strategy.sample_train(step.round, grid), []
+            else:
+                messages = list(strategy.configure_train(step.round, ArrayRecord(run.phi_g), train_instruction, grid))
+                sampled = strategy.last_sampled
             if cfg.dp.enabled and run.accountant is None:
                 strategy.noise_multiplier = run.start_privacy(len(strategy.nodes(grid)))
                 log(
@@ -171,14 +177,12 @@ def _execute(grid: Grid, run: ServerRun) -> None:
                     cfg.dp.delta,
                 )
             if cfg.secagg.enabled:
-                connected = len(strategy.nodes(grid))  # before any training: the plan's smallest round
-                check_sample_size(min(strategy.sample_size(s.round, connected) for s in plan.steps if s.train))
                 secure = secure_round(
                     grid,
                     exchange,
-                    strategy.last_sampled,
+                    sampled,
                     run.phi_g,
-                    instruction(step.round, train=True),
+                    train_instruction,
                     cfg.secagg,
                     int(run.counts.sum()),
                     cfg.round_timeout,

@@ -20,6 +20,7 @@ docs/RELIABILITY.md "Secure aggregation" says what else SecAgg+ does not give.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import WARNING
@@ -46,7 +47,6 @@ from fedpurel_app.privacy import noised_release
 from fedpurel_app.protocol import Instruction, ProtocolError, TrainReply
 
 MODULUS_RANGE = 1 << 32  # SecAggPlusWorkflow's default: the masked sums wrap around 2^32
-STAGES = 4  # setup, share keys, collect masked vectors, unmask: one exchange each
 
 Tensors = dict[str, torch.Tensor]
 
@@ -165,15 +165,7 @@ def secure_round(
     dp = instruction.clipping_norm is not None
     names = tuple(phi_g)
     secagg_range = float(instruction.clipping_norm) if dp else cfg.clipping_range
-    instruction = Instruction(
-        instruction.server_round,
-        instruction.run,
-        instruction.class_counts,
-        instruction.evaluate,
-        instruction.clipping_norm,
-        names,
-        secagg_range,
-    )
+    instruction = dataclasses.replace(instruction, secagg_names=names, secagg_range=secagg_range)
     proxy = ExchangeGrid(grid, exchange)
     strategy = _Stage1(proxy, nodes, instruction, max_examples)
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})

@@ -107,9 +107,9 @@ class FedPuReLStrategy(FedAvg):
 
     def sample(self, server_round: int, grid: Grid) -> list[int]:
         nodes = self.nodes(grid)
-        if server_round == 1 and self.all_clients_first_round:
-            return nodes
         size = self.sample_size(server_round, len(nodes))
+        if size == len(nodes):
+            return nodes
         rng = np.random.default_rng([self.seed, server_round])
         picked = rng.choice(len(nodes), size=size, replace=False)
         return [nodes[i] for i in sorted(picked)]
@@ -128,9 +128,14 @@ class FedPuReLStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord | Instruction, grid: Grid
     ) -> Iterable[Message]:
         """Stage 1: phi_g and the instruction to the sampled clients."""
-        self.last_sampled = self.sample(server_round, grid)
         self.sent = arrays.to_torch_state_dict()
-        return self.messages(self.last_sampled, protocol.TRAIN, _instruction(config, server_round), arrays)
+        nodes = self.sample_train(server_round, grid)
+        return self.messages(nodes, protocol.TRAIN, _instruction(config, server_round), arrays)
+
+    def sample_train(self, server_round: int, grid: Grid) -> list[int]:
+        """The clients Stage-1 round ``server_round`` trains (kept as :attr:`last_sampled`)."""
+        self.last_sampled = self.sample(server_round, grid)
+        return self.last_sampled
 
     def configure_personalize(
         self, arrays: ArrayRecord, instruction: Instruction, grid: Grid, nodes: list[int] | None = None
